@@ -1,0 +1,70 @@
+"""One settings object, read from the environment (and `.env`), for every process.
+
+With neither `BROKER_URL` nor `DATABASE_URL` set, newslora runs embedded: SQLite for the
+store and kombu's SQLAlchemy transport (also on SQLite) for the broker, all under
+`NEWSLORA_HOME` (default `~/.newslora`).
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", populate_by_name=True)
+
+    home: Path = Field(default=Path.home() / ".newslora", alias="NEWSLORA_HOME")
+    database_url: str | None = Field(default=None, alias="DATABASE_URL")
+    broker_url: str | None = Field(default=None, alias="BROKER_URL")
+    api_url: str | None = Field(default=None, alias="NEWSLORA_API_URL")
+    api_host: str = Field(default="127.0.0.1", alias="NEWSLORA_API_HOST")
+    api_port: int = Field(default=8765, alias="NEWSLORA_API_PORT")
+    # Required on every route when the API listens on anything but loopback.
+    api_token: str | None = Field(default=None, alias="NEWSLORA_API_TOKEN")
+    ollama_host: str = Field(default="http://127.0.0.1:11434", alias="OLLAMA_HOST")
+    # Folders that dataset and adapter paths given to the API must lie under (besides home).
+    data_roots: list[Path] = Field(default_factory=list, alias="NEWSLORA_DATA_ROOTS")
+    # A running job renews its lease every heartbeat_s; a lease older than lease_s means its worker died.
+    heartbeat_s: float = Field(default=5.0, alias="NEWSLORA_HEARTBEAT_S")
+    lease_s: float = Field(default=30.0, alias="NEWSLORA_LEASE_S")
+    # Redis re-delivers an unacked message after this many seconds; the lease makes that safe.
+    visibility_timeout_s: int = Field(default=3600, alias="NEWSLORA_VISIBILITY_TIMEOUT_S")
+    # Hard ceiling on any one job's run time; a job past it is failed with the reason.
+    job_time_limit_s: int = Field(default=6 * 3600, alias="NEWSLORA_JOB_TIME_LIMIT_S")
+    wait_retries: int = Field(default=30, alias="NEWSLORA_WAIT_RETRIES")
+    max_body_bytes: int = Field(default=50 * 1024 * 1024, alias="NEWSLORA_MAX_BODY_BYTES")
+
+    @property
+    def embedded(self) -> bool:
+        return self.broker_url is None and self.database_url is None
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home / 'newslora.sqlite'}"
+
+    @property
+    def resolved_broker_url(self) -> str:
+        return self.broker_url or f"sqla+sqlite:///{self.home / 'broker.sqlite'}"
+
+    @property
+    def resolved_api_url(self) -> str:
+        return self.api_url or f"http://{self.api_host}:{self.api_port}"
+
+    def path(self, *parts: str) -> Path:
+        """A folder under home, created on first use."""
+        p = self.home.joinpath(*parts)
+        p.mkdir(parents=True, exist_ok=True)
+        return p
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
+
+
+def reset_settings() -> None:
+    """Forget the cached settings (tests change the environment)."""
+    get_settings.cache_clear()

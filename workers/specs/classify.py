@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from workers.specs.base import Spec
+
+
+class ClassifyItem(Spec):
+    id: str = Field(min_length=1, max_length=512)
+    text: str
+    label: str | None = Field(default=None, description="gold label, when known (evaluation)")
+
+
+class ClassifySpec(Spec):
+    """Classify a batch of texts with a base model and optionally an adapter."""
+
+    items: list[ClassifyItem] | None = None
+    input_file: str | None = Field(default=None, description="JSONL (id, text per line) or CSV")
+    dataset_id: int | None = Field(default=None, ge=1, description="classify a prepared dataset's split")
+    split: Literal["train", "validation", "test"] = "test"
+    limit: int | None = Field(default=None, ge=1)
+    model: str = "smollm2-135m"
+    adapter_id: int | None = Field(default=None, ge=1, description="model artifact id of a registered adapter")
+    label_names: list[str] | None = None
+    instruction: str | None = None
+    template: Literal["alpaca", "chat"] | None = None
+    mode: Literal["score", "generate"] = "score"
+    batch_size: int = Field(default=16, ge=1, le=1024)
+    max_new_tokens: int = Field(default=16, ge=1, le=1024)
+    temperature: float = Field(default=0.0, ge=0)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    repetition_penalty: float = Field(default=1.0, gt=0)
+    max_input_tokens: int | None = Field(default=None, ge=8)
+    dtype: Literal["auto", "bf16", "fp32", "fp16"] = "auto"
+    device: str = "auto"
+
+    @model_validator(mode="after")
+    def _one_input(self) -> "ClassifySpec":
+        given = [x is not None for x in (self.items, self.input_file, self.dataset_id)]
+        if sum(given) != 1:
+            raise ValueError("give exactly one of items, input_file or dataset_id")
+        if self.items is not None and not self.items:
+            raise ValueError("items is empty: a batch needs at least one item")
+        return self

@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from workers.specs.base import Spec
+
+AG_NEWS_LABELS = ["World", "Sports", "Business", "Sci/Tech"]
+
+
+class SourceSpec(Spec):
+    """Where one split's rows come from."""
+
+    path: str = Field(description="hub id (e.g. fancyzhx/ag_news), or a local file: AG News CSV, JSONL, CSV, parquet")
+    format: Literal["auto", "hub", "agnews_csv", "jsonl", "csv", "parquet"] = "auto"
+    split: str | None = Field(default=None, description="hub split name (train/test)")
+    text_columns: list[str] = Field(default_factory=lambda: ["text"],
+                                    description="columns joined with a space to make the text (e.g. [title, body])")
+    label_column: str = "label"
+    classes_file: str | None = Field(default=None, description="AG News classes.txt (default: beside the CSV)")
+
+
+class PrepSpec(Spec):
+    """Turn a labeled news set into Alpaca-style instruction records (train / validation / test)."""
+
+    name: str = Field(default="ag_news", min_length=1, max_length=200)
+    train: SourceSpec = Field(default_factory=lambda: SourceSpec(path="fancyzhx/ag_news", split="train"))
+    test: SourceSpec | None = Field(default_factory=lambda: SourceSpec(path="fancyzhx/ag_news", split="test"))
+    label_names: list[str] = Field(default_factory=lambda: list(AG_NEWS_LABELS), min_length=2)
+    instruction: str | None = Field(default=None, description="default: lists the label names")
+    template: Literal["alpaca", "chat"] = "alpaca"
+    validation_fraction: float = Field(default=0.05, ge=0, lt=1)
+    seed: int = 0
+    max_per_class: int | None = Field(default=None, ge=1, description="cap per class in train (balanced subset)")
+    test_max_per_class: int | None = Field(default=None, ge=1, description="cap per class in test (a sample)")
+    keep_raw: bool = False
+    on_bad_rows: Literal["fail", "skip"] = "fail"
+    max_text_chars: int = Field(default=20_000, ge=10, description="longer texts are bad rows")
+    tokenizer: str | None = Field(default=None, description="model preset or checkpoint for token-length percentiles")
+
+    @model_validator(mode="after")
+    def _distinct_labels(self) -> "PrepSpec":
+        if len(set(self.label_names)) != len(self.label_names):
+            raise ValueError("label_names has duplicates")
+        return self
