@@ -21,4 +21,11 @@ class JudgeSpec(Spec):
     seed: int = 0
     concurrency: int = Field(default=2, ge=1, le=64)
     retries: int = Field(default=3, ge=0, le=20)
-    timeout_s: float = Field(default=120.0, gt=0)
+    timeout_s: float = Field(default=120.0, gt=0, description="per-request read timeout (streamed: between chunks)")
+    backoff_s: float = Field(default=1.0, ge=0, le=60, description="first retry delay; doubles on each retry")
+    stream: bool = Field(default=True, description="Ollama: stream the answer, so a long think never hits the timeout")
+    think: bool | None = Field(default=None, description="Ollama think flag (None: the model's default)")
+    max_new_tokens: int | None = Field(default=None, ge=1, le=32768,
+                                       description="cap on judge output tokens (local default 128; Ollama none)")
+    answer_max_new_tokens: int = Field(default=128, ge=1, le=4096,
+                                       description="dialogue: tokens the answering model may write")
