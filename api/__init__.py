@@ -1,0 +1,1 @@
+"""The HTTP service (FastAPI): jobs, events, predictions, datasets, models, evaluations."""

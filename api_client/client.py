@@ -1,0 +1,168 @@
+"""A small synchronous client for the newslora HTTP API."""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Iterator
+
+import httpx
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+class ApiError(RuntimeError):
+    """An error answer from the API (status and its detail), or the API being unreachable (status 0)."""
+
+    def __init__(self, status: int, detail: Any):
+        self.status = status
+        self.detail = detail
+        super().__init__(f"HTTP {status}: {detail}" if status else str(detail))
+
+
+class WaitTimeout(TimeoutError):
+    pass
+
+
+class Client:
+    """`Client()` talks to NEWSLORA_API_URL (or the embedded API on 127.0.0.1:8765)."""
+
+    def __init__(self, base_url: str | None = None, *, token: str | None = None, timeout: float = 30.0):
+        from broker.settings import get_settings
+        s = get_settings()
+        self.base_url = (base_url or s.resolved_api_url).rstrip("/")
+        token = token if token is not None else s.api_token
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ plumbing
+    def _request(self, method: str, path: str, **kw: Any) -> Any:
+        try:
+            r = self._http.request(method, path, **kw)
+        except httpx.TransportError as e:
+            raise ApiError(0, f"the newslora API at {self.base_url} is unreachable ({type(e).__name__}); "
+                              f"start it with `newslora up`") from None
+        if r.status_code >= 400:
+            try:
+                detail = r.json().get("detail", r.text)
+            except ValueError:
+                detail = r.text
+            raise ApiError(r.status_code, detail)
+        if r.headers.get("content-type", "").startswith("application/json"):
+            return r.json()
+        return r.text
+
+    def health(self) -> dict[str, Any]:
+        return self._request("GET", "/health")
+
+    # ------------------------------------------------------------ jobs
+    def submit(self, kind: str, spec: dict[str, Any] | None = None, *, idempotency_key: str | None = None,
+               parent_id: int | None = None) -> dict[str, Any]:
+        body = {"kind": kind, "spec": spec or {}}
+        if idempotency_key:
+            body["idempotency_key"] = idempotency_key
+        if parent_id is not None:
+            body["parent_id"] = parent_id
+        return self._request("POST", "/jobs", json=body)
+
+    def submit_noop(self, **spec: Any) -> dict[str, Any]:
+        return self.submit("noop", spec)
+
+    def submit_prep(self, spec: dict[str, Any], **kw: Any) -> dict[str, Any]:
+        return self.submit("prep", spec, **kw)
+
+    def submit_train(self, spec: dict[str, Any], **kw: Any) -> dict[str, Any]:
+        return self.submit("train", spec, **kw)
+
+    def submit_classify(self, spec: dict[str, Any], **kw: Any) -> dict[str, Any]:
+        return self.submit("classify", spec, **kw)
+
+    def submit_judge(self, spec: dict[str, Any], **kw: Any) -> dict[str, Any]:
+        return self.submit("judge", spec, **kw)
+
+    def submit_evaluate(self, spec: dict[str, Any], **kw: Any) -> dict[str, Any]:
+        return self.submit("evaluate", spec, **kw)
+
+    def submit_pipeline(self, spec: dict[str, Any], **kw: Any) -> dict[str, Any]:
+        return self.submit("pipeline", spec, **kw)
+
+    def get(self, job_id: int) -> dict[str, Any]:
+        return self._request("GET", f"/jobs/{job_id}")
+
+    def list(self, *, kind: str | None = None, status: str | None = None, parent_id: int | None = None,
+             limit: int = 50, offset: int = 0) -> dict[str, Any]:
+        params = {k: v for k, v in dict(kind=kind, status=status, parent_id=parent_id, limit=limit,
+                                        offset=offset).items() if v is not None}
+        return self._request("GET", "/jobs", params=params)
+
+    def cancel(self, job_id: int) -> dict[str, Any]:
+        return self._request("POST", f"/jobs/{job_id}/cancel")
+
+    def events(self, job_id: int, *, after_id: int = 0, limit: int = 200) -> list[dict[str, Any]]:
+        return self._request("GET", f"/jobs/{job_id}/events", params={"after_id": after_id, "limit": limit})
+
+    def wait(self, job_id: int, *, timeout: float | None = None, poll_s: float = 0.5,
+             progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """Poll until the job finishes; call `progress(job)` on each poll.
+
+        Raises:
+            WaitTimeout: not finished within `timeout` seconds (the job keeps running).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            job = self.get(job_id)
+            if progress is not None:
+                progress(job)
+            if job["status"] in TERMINAL:
+                return job
+            if deadline is not None and time.monotonic() > deadline:
+                raise WaitTimeout(f"job {job_id} still {job['status']} after {timeout} s")
+            time.sleep(poll_s)
+
+    # ------------------------------------------------------------ results
+    def predictions(self, job_id: int, *, offset: int = 0, limit: int = 100,
+                    failed: bool | None = None) -> dict[str, Any]:
+        params: dict[str, Any] = {"offset": offset, "limit": limit}
+        if failed is not None:
+            params["failed"] = str(failed).lower()
+        return self._request("GET", f"/jobs/{job_id}/predictions", params=params)
+
+    def iter_predictions(self, job_id: int, *, page: int = 1000) -> Iterator[dict[str, Any]]:
+        offset = 0
+        while True:
+            got = self.predictions(job_id, offset=offset, limit=page)
+            yield from got["items"]
+            offset += len(got["items"])
+            if not got["items"] or offset >= got["total"]:
+                return
+
+    def predictions_jsonl(self, job_id: int) -> str:
+        return self._request("GET", f"/jobs/{job_id}/predictions.jsonl")
+
+    def judge_scores(self, job_id: int) -> list[dict[str, Any]]:
+        return self._request("GET", f"/jobs/{job_id}/judge_scores")
+
+    def evaluations(self, *, limit: int = 50, offset: int = 0) -> dict[str, Any]:
+        return self._request("GET", "/evaluations", params={"limit": limit, "offset": offset})
+
+    def evaluation(self, eval_id: int) -> dict[str, Any]:
+        return self._request("GET", f"/evaluations/{eval_id}")
+
+    def datasets(self) -> list[dict[str, Any]]:
+        return self._request("GET", "/datasets")
+
+    def dataset(self, dataset_id: int) -> dict[str, Any]:
+        return self._request("GET", f"/datasets/{dataset_id}")
+
+    def models(self) -> list[dict[str, Any]]:
+        return self._request("GET", "/models")
+
+    def model(self, model_id: int) -> dict[str, Any]:
+        return self._request("GET", f"/models/{model_id}")

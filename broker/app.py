@@ -1,0 +1,71 @@
+"""The one Celery app and its routing table.
+
+Queues: `cpu` (data prep, judging, metrics, pipeline steps) and `gpu` (training, batched inference).
+JSON only on the wire (no pickle). Every task is acks_late with prefetch 1 and idempotent by job id:
+the job row's lease (see workers/runner.py) makes a second delivery harmless.
+"""
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Queue
+
+from broker.settings import get_settings
+from workers.specs import QUEUES
+
+# Task name per job kind; the queue comes from workers.specs.QUEUES.
+TASK_NAMES: dict[str, str] = {kind: f"newslora.{kind}" for kind in QUEUES}
+ADVANCE_PIPELINE = "newslora.advance_pipeline"
+ROUTES: dict[str, dict[str, str]] = {TASK_NAMES[k]: {"queue": q} for k, q in QUEUES.items()}
+ROUTES[ADVANCE_PIPELINE] = {"queue": "cpu"}
+
+
+def create_app() -> Celery:
+    s = get_settings()
+    app = Celery("newslora", broker=s.resolved_broker_url, include=["workers.tasks"])
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        event_serializer="json",
+        task_ignore_result=True,  # the job row is the result store
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,  # a killed child puts its message back
+        worker_prefetch_multiplier=1,
+        task_queues=(Queue("cpu"), Queue("gpu")),
+        task_default_queue="cpu",
+        task_routes=ROUTES,
+        task_soft_time_limit=s.job_time_limit_s + 30,
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=s.wait_retries,
+        worker_hijack_root_logger=False,
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+        # Redis re-delivers an unacked message after visibility_timeout; set it above the longest task
+        # (job_time_limit_s) so a healthy long job is not delivered twice; the lease drops it if it is.
+        broker_transport_options={"visibility_timeout": max(s.visibility_timeout_s, 1),
+                                  "polling_interval": 0.2},
+    )
+    if s.resolved_broker_url.startswith("sqla+"):
+        # kombu's SQLAlchemy transport hands every transport option to create_engine(): give it none,
+        # and poll the embedded queue table 5 times a second instead of once.
+        import kombu.transport.sqlalchemy as sqla
+        sqla.Transport.polling_interval = 0.2
+        app.conf.broker_transport_options = {}
+    return app
+
+
+app = create_app()
+
+
+def enqueue(job_id: int, kind: str, queue: str | None = None) -> None:
+    """Send a job's task (after its row is committed).
+
+    Raises:
+        kombu.exceptions.OperationalError: the broker is unreachable.
+    """
+    app.send_task(TASK_NAMES[kind], args=[job_id], queue=queue or QUEUES[kind], retry=True,
+                  retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 1})
+
+
+def enqueue_advance(pipeline_id: int) -> None:
+    app.send_task(ADVANCE_PIPELINE, args=[pipeline_id], queue="cpu", retry=True,
+                  retry_policy={"max_retries": 5, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 2})

@@ -1,0 +1,1 @@
+"""The store: tables (models.py), engine and sessions (session.py), queries (jobs.py, artifacts.py)."""

@@ -1,0 +1,222 @@
+"""Running one job on a worker: lease, heartbeat, cancel, time limit, and the terminal transition.
+
+`run_job(job_id, kind, handler)` is what every thin Celery task calls. It claims the job row's lease
+(a second delivery of a job whose worker is alive is dropped; a dead worker's job is taken over),
+renews the lease from a heartbeat thread that also notices cancel requests, calls the handler with a
+`StoreContext`, and records succeeded / failed / cancelled with an event.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from db import jobs as jobq
+from db import results as resq
+from db.models import Job
+from db.session import session_scope
+from broker.settings import get_settings
+from workers.context import JobCancelled
+from workers.specs import parse_spec
+
+log = logging.getLogger("newslora.worker")
+
+_WORKER_IDS: dict[int, str] = {}
+
+
+def worker_id() -> str:
+    """This process's identity as a lease holder (per pid: prefork children must not share one)."""
+    pid = os.getpid()
+    if pid not in _WORKER_IDS:
+        _WORKER_IDS[pid] = f"{socket.gethostname()}:{pid}:{uuid.uuid4().hex[:8]}"
+    return _WORKER_IDS[pid]
+
+
+class LeaseLost(RuntimeError):
+    """Another worker took the job over (this one was presumed dead): stop without recording anything."""
+
+
+class JobTimedOut(RuntimeError):
+    pass
+
+
+class StoreContext:
+    """The JobContext a worker hands to plain job functions: events, progress, cancel, predictions."""
+
+    def __init__(self, job_id: int, worker: str, work_dir: Path, *, time_limit_s: float):
+        s = get_settings()
+        self.job_id = job_id
+        self.work_dir = work_dir
+        self._worker = worker
+        self._lease_s = s.lease_s
+        self._heartbeat_s = s.heartbeat_s
+        self._deadline = time.monotonic() + time_limit_s
+        self._time_limit_s = time_limit_s
+        self._cancel = threading.Event()
+        self._lost = threading.Event()
+        self._stop = threading.Event()
+        self._last_progress_write = 0.0
+        self._last_progress_event = 0.0
+        self._thread = threading.Thread(target=self._heartbeat, name=f"heartbeat-{job_id}", daemon=True)
+
+    # -- lifecycle
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self._heartbeat_s):
+            try:
+                with session_scope() as s:
+                    ours, cancel = jobq.renew_lease(self.job_id, self._worker, session=s, lease_s=self._lease_s)
+                if not ours:
+                    self._lost.set()
+                if cancel:
+                    self._cancel.set()
+            except Exception as e:  # noqa: BLE001 - the store may blink; keep working and retry
+                log.warning("job %s: heartbeat failed (%s); retrying", self.job_id, type(e).__name__)
+
+    # -- JobContext
+    def event(self, message: str, *, level: str = "info", metrics: dict[str, Any] | None = None) -> None:
+        with session_scope() as s:
+            jobq.add_event(self.job_id, message, session=s, level=level, metrics=_jsonable(metrics))
+
+    def progress(self, done: float, total: float | None = None, *, message: str | None = None,
+                 **metrics: Any) -> None:
+        now = time.monotonic()
+        final = total is not None and done >= total
+        if not final and now - self._last_progress_write < 0.5:
+            return
+        self._last_progress_write = now
+        frac = min(1.0, done / total) if total else 0.0
+        info = _jsonable({"done": done, "total": total, "message": message, **metrics})
+        with session_scope() as s:
+            jobq.set_progress(self.job_id, frac, info, session=s)
+            if final or now - self._last_progress_event >= 2.0:
+                self._last_progress_event = now
+                jobq.add_event(self.job_id, message or "progress", session=s, metrics=info)
+
+    def check_cancel(self) -> None:
+        if self._lost.is_set():
+            raise LeaseLost(f"job {self.job_id}: another worker took it over")
+        if self._cancel.is_set():
+            raise JobCancelled(f"job {self.job_id} cancelled")
+        if time.monotonic() > self._deadline:
+            raise JobTimedOut(f"exceeded its time limit of {self._time_limit_s:.0f} s")
+
+    def save_predictions(self, rows: Sequence[dict[str, Any]]) -> None:
+        if self._lost.is_set():
+            raise LeaseLost(f"job {self.job_id}: another worker took it over")
+        with session_scope() as s:
+            resq.save_predictions(self.job_id, [_jsonable(r) for r in rows], session=s)
+
+    def done_item_ids(self) -> set[str]:
+        with session_scope() as s:
+            return resq.done_item_ids(self.job_id, session=s)
+
+
+def _jsonable(obj: Any) -> Any:
+    """Plain JSON types only (numpy/torch scalars become floats; NaN becomes None)."""
+    import math
+    if obj is None or isinstance(obj, (str, bool, int)):
+        return obj
+    if isinstance(obj, float):
+        return None if math.isnan(obj) or math.isinf(obj) else obj
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "item"):
+        return _jsonable(obj.item())
+    return str(obj)
+
+
+Handler = Callable[[Job, Any, StoreContext], dict[str, Any]]
+
+
+def run_job(job_id: int, kind: str, handler: Handler, *, worker: str | None = None) -> str:
+    """Claim, run and record one job. Returns the outcome ('succeeded', 'failed', 'cancelled',
+    or why it was not run: 'busy', 'finished', 'missing', 'lease_lost')."""
+    s = get_settings()
+    worker = worker or worker_id()
+    with session_scope() as session:
+        outcome = jobq.claim(job_id, worker, session=session, lease_s=s.lease_s)
+        job = session.get(Job, job_id)
+    if outcome not in ("claimed", "taken_over"):
+        log.info("job %s: delivery dropped (%s)", job_id, outcome)
+        if outcome == "cancelled":
+            _notify_parent(job)
+        return outcome
+    if job.kind != kind:
+        _finish(job, "failed", error=f"job {job_id} is a {job.kind} job but was delivered to the {kind} task")
+        return "failed"
+    work_dir = s.path("jobs", str(job_id))
+    ctx = StoreContext(job_id, worker, work_dir, time_limit_s=s.job_time_limit_s)
+    ctx.start()
+    try:
+        spec = parse_spec(kind, job.spec)
+        result = handler(job, spec, ctx)
+        ctx.check_cancel()  # a lost lease or cancel during the last step still counts
+        status, error, result = "succeeded", None, _jsonable(result or {})
+    except JobCancelled:
+        status, error, result = "cancelled", None, None
+    except LeaseLost:
+        log.warning("job %s: lease lost to another worker; stopping without recording", job_id)
+        return "lease_lost"
+    except Exception as e:  # noqa: BLE001 - every failure is recorded on the row, with its reason
+        from celery.exceptions import SoftTimeLimitExceeded
+        if isinstance(e, SoftTimeLimitExceeded):
+            error = f"exceeded its time limit of {s.job_time_limit_s} s"
+        else:
+            error = f"{type(e).__name__}: {e}" if not isinstance(e, JobTimedOut) else str(e)
+        log.exception("job %s failed", job_id)
+        status, result = "failed", None
+    finally:
+        ctx.stop()
+    _finish(job, status, error=error, result=result, worker=worker)
+    return status
+
+
+def _finish(job: Job, status: str, *, error: str | None = None, result: dict[str, Any] | None = None,
+            worker: str | None = None) -> None:
+    for attempt in range(get_settings().wait_retries):
+        try:
+            with session_scope() as s:
+                jobq.finish(job.id, status, session=s, error=error, result=result, worker=worker)
+            break
+        except Exception as e:  # noqa: BLE001 - keep the outcome: retry while the store is down
+            log.warning("job %s: could not record %s (%s); retrying", job.id, status, type(e).__name__)
+            time.sleep(min(5.0, 0.5 * (attempt + 1)))
+    _notify_parent(job)
+
+
+def _notify_parent(job: Job | None) -> None:
+    if job is None or job.parent_id is None:
+        return
+    from broker.app import enqueue_advance
+    try:
+        enqueue_advance(job.parent_id)
+    except Exception as e:  # noqa: BLE001 - the reaper advances stuck pipelines later
+        log.warning("job %s: could not notify pipeline %s (%s)", job.id, job.parent_id, e)
+
+
+def requeue_stale_jobs() -> list[int]:
+    """Re-send the tasks of running jobs whose lease expired (their worker died). Transports that never
+    re-deliver an unacked message (the embedded one) rely on this; with Redis it is a second safety net."""
+    from broker.app import enqueue
+    with session_scope() as s:
+        stale = [(j.id, j.kind, j.queue) for j in jobq.stale_running_jobs(session=s)]
+    for job_id, kind, queue in stale:
+        log.warning("job %s: its worker stopped renewing the lease; re-queueing", job_id)
+        enqueue(job_id, kind, queue)
+    return [j for j, _, _ in stale]
