@@ -54,6 +54,18 @@ def create_app() -> Celery:
 
 
 app = create_app()
+_senders: dict[str, Celery] = {}
+
+
+def _sender() -> Celery:
+    """The app to send with: the module's own, or one for the broker the settings name now (tests and
+    tools that change the environment after import)."""
+    url = get_settings().resolved_broker_url
+    if app.conf.broker_url == url:
+        return app
+    if url not in _senders:
+        _senders[url] = create_app()
+    return _senders[url]
 
 
 def enqueue(job_id: int, kind: str, queue: str | None = None) -> None:
@@ -62,10 +74,10 @@ def enqueue(job_id: int, kind: str, queue: str | None = None) -> None:
     Raises:
         kombu.exceptions.OperationalError: the broker is unreachable.
     """
-    app.send_task(TASK_NAMES[kind], args=[job_id], queue=queue or QUEUES[kind], retry=True,
+    _sender().send_task(TASK_NAMES[kind], args=[job_id], queue=queue or QUEUES[kind], retry=True,
                   retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 1})
 
 
 def enqueue_advance(pipeline_id: int) -> None:
-    app.send_task(ADVANCE_PIPELINE, args=[pipeline_id], queue="cpu", retry=True,
+    _sender().send_task(ADVANCE_PIPELINE, args=[pipeline_id], queue="cpu", retry=True,
                   retry_policy={"max_retries": 5, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 2})

@@ -67,3 +67,180 @@ def make_tiny_llama(out_dir: Path, tokenizer_dir: Path, *, seed: int = 0, hidden
 @pytest.fixture(scope="session")
 def tiny_model_dir(smollm2_dir, tmp_path_factory) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama", smollm2_dir)
+
+
+# ---------------------------------------------------------------- real services (PostgreSQL, Redis)
+
+PG_ADMIN_URL = os.environ.get("NEWSLORA_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+REDIS_TEST_URL = os.environ.get("NEWSLORA_TEST_REDIS", "redis://127.0.0.1:6379/9")
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> str:
+    """A fresh PostgreSQL database for this test session (dropped at the end)."""
+    import uuid
+    from sqlalchemy import create_engine, text
+    name = f"newslora_test_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(PG_ADMIN_URL.replace("postgresql://", "postgresql+psycopg://"),
+                          isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as c:
+            c.execute(text(f'CREATE DATABASE "{name}"'))
+    except Exception as e:  # noqa: BLE001
+        pytest.fail(f"PostgreSQL at {PG_ADMIN_URL} is needed for these tests ({e}); .ci/run starts it")
+    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    yield url
+    from db.session import get_engine
+    get_engine.cache_clear()
+    with admin.connect() as c:
+        c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_url(request, tmp_path) -> str:
+    """The store on SQLite and on PostgreSQL (each test runs on both), migrated to head."""
+    from db.session import upgrade_db
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'store.sqlite'}"
+    else:
+        url = request.getfixturevalue("pg_url")
+        from sqlalchemy import create_engine, text
+        eng = create_engine(url.replace("postgresql://", "postgresql+psycopg://"))
+        with eng.begin() as c:  # a clean schema per test
+            c.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
+        eng.dispose()
+        from db.session import get_engine
+        get_engine.cache_clear()
+    upgrade_db(url)
+    return url
+
+
+@pytest.fixture
+def redis_url() -> str:
+    import redis
+    r = redis.Redis.from_url(REDIS_TEST_URL)
+    try:
+        r.flushdb()
+    except redis.exceptions.ConnectionError as e:
+        pytest.fail(f"Redis at {REDIS_TEST_URL} is needed for these tests ({e}); .ci/run starts it")
+    yield REDIS_TEST_URL
+    r.flushdb()
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Stack:
+    """A real API (uvicorn) and real Celery workers as subprocesses, sharing one environment."""
+
+    def __init__(self, env: dict[str, str], log_dir: Path):
+        self.env = env
+        self.log_dir = log_dir
+        self.procs: dict[str, "subprocess.Popen"] = {}
+        self.port = int(env["NEWSLORA_API_PORT"])
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def start_api(self) -> None:
+        import subprocess, sys
+        self._spawn("api", [sys.executable, "-m", "uvicorn", "api.app:app", "--host", "127.0.0.1",
+                            "--port", str(self.port), "--log-level", "warning"])
+        self.wait_api()
+
+    def wait_api(self, timeout: float = 60) -> None:
+        import time
+        import httpx
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"API did not come up; log: {(self.log_dir / 'api.log').read_text()[-3000:]}")
+
+    def start_worker(self, name: str = "worker", queues: str = "cpu,gpu", pool: str = "prefork") -> None:
+        import sys
+        self._spawn(name, [sys.executable, "-m", "celery", "-A", "broker.app:app", "worker", "-Q", queues,
+                           "-c", "1", "-P", pool, "--loglevel", "INFO", "-n", f"{name}-{os.getpid()}@%h",
+                           "--without-gossip", "--without-mingle", "--without-heartbeat"])
+
+    def _spawn(self, name: str, cmd: list[str]) -> None:
+        import subprocess
+        log = (self.log_dir / f"{name}.log").open("ab")
+        self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                            cwd=REPO, start_new_session=True)
+
+    def kill(self, name: str, sig: int = 9) -> None:
+        p = self.procs.pop(name)
+        try:
+            os.killpg(p.pid, sig)
+        except ProcessLookupError:
+            pass
+        p.wait(timeout=30)
+
+    def log(self, name: str) -> str:
+        f = self.log_dir / f"{name}.log"
+        return f.read_text(errors="replace") if f.exists() else ""
+
+    def stop(self) -> None:
+        import signal
+        for name in list(self.procs):
+            try:
+                os.killpg(self.procs[name].pid, signal.SIGTERM)
+                self.procs[name].wait(timeout=15)
+            except Exception:  # noqa: BLE001
+                self.kill(name)
+        self.procs.clear()
+
+    def client(self):
+        from api_client.client import Client
+        return Client(self.url, token=self.env.get("NEWSLORA_API_TOKEN"))
+
+
+def make_stack_env(home: Path, *, database_url: str | None, broker_url: str | None, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "BROKER_URL", "NEWSLORA_API_URL")}
+    env.update({"NEWSLORA_HOME": str(home), "NEWSLORA_API_PORT": str(free_port()),
+                "NEWSLORA_HEARTBEAT_S": "0.5", "NEWSLORA_LEASE_S": "3", "NEWSLORA_WAIT_RETRIES": "5",
+                "PYTHONUNBUFFERED": "1"})
+    if database_url:
+        env["DATABASE_URL"] = database_url
+    if broker_url:
+        env["BROKER_URL"] = broker_url
+    env.update(extra)
+    return env
+
+
+@pytest.fixture
+def stack_factory(tmp_path):
+    """Build Stacks; every one is stopped at the end of the test (logs printed on failure)."""
+    stacks: list[Stack] = []
+
+    def make(*, database_url: str | None = None, broker_url: str | None = None, **extra: str) -> Stack:
+        home = tmp_path / f"home{len(stacks)}"
+        home.mkdir()
+        st = Stack(make_stack_env(home, database_url=database_url, broker_url=broker_url, **extra), home)
+        stacks.append(st)
+        return st
+    yield make
+    for st in stacks:
+        st.stop()
+
+
+@pytest.fixture
+def redis_pg_stack(stack_factory, pg_url, redis_url):
+    """API + one worker on real Redis and PostgreSQL."""
+    from sqlalchemy import create_engine, text
+    eng = create_engine(pg_url.replace("postgresql://", "postgresql+psycopg://"))
+    with eng.begin() as c:
+        c.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
+    eng.dispose()
+    st = stack_factory(database_url=pg_url, broker_url=redis_url, NEWSLORA_VISIBILITY_TIMEOUT_S="5")
+    st.start_api()
+    st.start_worker()
+    return st
