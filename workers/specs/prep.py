@@ -15,10 +15,14 @@ class SourceSpec(Spec):
     path: str = Field(description="hub id (e.g. fancyzhx/ag_news), or a local file: AG News CSV, JSONL, CSV, parquet")
     format: Literal["auto", "hub", "agnews_csv", "jsonl", "csv", "parquet"] = "auto"
     split: str | None = Field(default=None, description="hub split name (train/test)")
-    text_columns: list[str] = Field(default_factory=lambda: ["text"],
-                                    description="columns joined with a space to make the text (e.g. [title, body])")
-    label_column: str = "label"
-    classes_file: str | None = Field(default=None, description="AG News classes.txt (default: beside the CSV)")
+    text_columns: list[str] = Field(default_factory=lambda: ["text"], min_length=1,
+                                    description="columns joined with a space to make the text (e.g. [title, body]); "
+                                                "ignored for agnews_csv, whose text is title + description")
+    label_column: str = Field(default="label", description="label names, or integer ids (see first_label_id)")
+    first_label_id: int = Field(default=0, description="the integer id of label_names[0] in this source: 0 (the "
+                                                       "Hugging Face convention) or 1 (as in the AG News CSV)")
+    classes_file: str | None = Field(default=None, description="AG News classes.txt (default: beside the CSV); "
+                                                               "its line n names integer label n")
 
 
 class PrepSpec(Spec):
@@ -34,7 +38,9 @@ class PrepSpec(Spec):
     seed: int = 0
     max_per_class: int | None = Field(default=None, ge=1, description="cap per class in train (balanced subset)")
     test_max_per_class: int | None = Field(default=None, ge=1, description="cap per class in test (a sample)")
-    keep_raw: bool = False
+    keep_raw: bool = Field(default=False, description="keep the text as read, before cleaning, in a `raw` field")
+    line_breaks: Literal["space", "newline"] = Field(
+        default="space", description="what an AG News backslash line break becomes in the cleaned text")
     on_bad_rows: Literal["fail", "skip"] = "fail"
     max_text_chars: int = Field(default=20_000, ge=10, description="longer texts are bad rows")
     tokenizer: str | None = Field(default=None, description="model preset or checkpoint for token-length percentiles")
