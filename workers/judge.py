@@ -280,6 +280,7 @@ class JudgeAnswer:
 class Judge(Protocol):
     backend: str
     model: str
+    # A backend may also set `max_concurrency` (int) to cap judge_items' thread pool below spec.concurrency.
 
     def digest(self) -> str | None:
         """A content digest of the judge model (stored with every row).
@@ -400,10 +401,12 @@ class LocalJudge:
     """A transformers causal LM judging in-process, greedy, with the same rubric and parser.
 
     Small models (SmolLM2-135M) mostly fail to give usable scores; those items are counted unscored.
-    Calls are serialised with a lock: one generate at a time whatever the pool size.
+    One generate at a time (`max_concurrency` 1, and a lock besides): threads would only contend for
+    the same cores and make each item's latency meaningless.
     """
 
     backend = "local"
+    max_concurrency = 1
 
     def __init__(self, model: str = LOCAL_DEFAULT_MODEL, *, max_new_tokens: int = LOCAL_DEFAULT_MAX_NEW_TOKENS,
                  dtype: str = "auto", device: str = "auto") -> None:
@@ -545,11 +548,12 @@ def judge_items(items: Sequence[Mapping[str, Any]], judge: Judge, spec: JudgeSpe
     _check_items(items)
     chosen = sample_items(items, spec.sample, spec.seed)
     digest = _with_retries(judge.digest, spec)
+    workers = min(spec.concurrency, getattr(judge, "max_concurrency", None) or spec.concurrency)
     ctx.event(f"judging {len(chosen)} of {len(items)} items with {judge.backend} judge {judge.model}",
-              metrics={"digest": digest, "rubric_version": RUBRIC_VERSION, "concurrency": spec.concurrency})
+              metrics={"digest": digest, "rubric_version": RUBRIC_VERSION, "concurrency": workers})
     rows: dict[str, dict[str, Any]] = {}
     stop = threading.Event()
-    pool = ThreadPoolExecutor(max_workers=spec.concurrency, thread_name_prefix="judge")
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="judge")
     try:
         pending: set[Future] = {pool.submit(_judge_one, it, judge, digest, spec, stop) for it in chosen}
         while pending:

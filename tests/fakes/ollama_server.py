@@ -6,7 +6,8 @@ Speaks `POST /api/chat` (non-streamed JSON, or streamed NDJSON chunks that carry
 - `reply`: the answer; a string, a (content, thinking) pair, or a callable(request_json) -> either.
 - `delay_s`: sleep before answering a chat (beyond the client's timeout: the client times out).
 - `fail_first`: answer the first N chats with 500, then succeed.
-- models absent from `models`: chat and show answer 404 "model not found, try pulling it first".
+- models absent from `models`: chat and show answer 404 "model not found, try pulling it first";
+  models in `unlisted` are served but left out of /api/tags (as a remote or aliased model would be).
 - `stop()`: close the listening socket (the client then gets connection refused).
 
 It counts chats, concurrent chats (`max_concurrent`) and keeps every chat request body (`requests`).
@@ -31,6 +32,7 @@ class FakeOllama:
     def __init__(self, *, models: dict[str, str] | None = None, reply: Reply = DEFAULT_REPLY,
                  delay_s: float = 0.0, fail_first: int = 0) -> None:
         self.models = dict(models if models is not None else {"deepseek-r1:8b": "sha256:" + "ab" * 32})
+        self.unlisted: set[str] = set()
         self.reply = reply
         self.delay_s = delay_s
         self.fail_first = fail_first
@@ -98,7 +100,7 @@ class FakeOllama:
                         {"name": m, "model": m, "modified_at": "2025-01-01T00:00:00Z", "size": 4_900_000_000,
                          "digest": d, "details": {"format": "gguf", "family": "qwen2", "parameter_size": "8B",
                                                   "quantization_level": "Q4_K_M"}}
-                        for m, d in fake.models.items()]})
+                        for m, d in fake.models.items() if m not in fake.unlisted]})
                 else:
                     self._json(404, {"error": "not found"})
 
