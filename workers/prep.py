@@ -369,7 +369,8 @@ def token_lengths(tokenizer, instruction: str, inputs: Sequence[str], outputs: S
     prefix, after = split_prompt(instruction, "", template=template, tokenizer=tokenizer)
     suffixes = [i + after + o for i, o in zip(inputs, outputs)]
     if suffixes and _prefix_is_separable(tokenizer, prefix) and all(s[:1] and not s[0].isspace() for s in inputs):
-        n_prefix = len(tokenizer(prefix)["input_ids"])
+        # The prefix's tokens as they are when text follows it: alone, its final "\n\n" would be one token.
+        n_prefix = len(tokenizer(prefix + "a")["input_ids"]) - len(tokenizer("a", add_special_tokens=False)["input_ids"])
 
         def encode(texts: list[str]) -> list[int]:
             enc = tokenizer(texts, add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False)
