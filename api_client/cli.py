@@ -361,8 +361,12 @@ def cmd_eval(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from api_client.pipeline_config import load_pipeline_config
-    spec = load_pipeline_config(args.config, args.overrides)
+    from api_client.pipeline_config import ConfigError, load_pipeline_config
+    try:
+        spec = load_pipeline_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"newslora: {e}", file=sys.stderr)
+        return EXIT_USAGE
     client = _client(args)
     job = client.submit("pipeline", spec, idempotency_key=args.key)
     print(f"submitted pipeline job {job['id']} ({args.config})", file=sys.stderr)

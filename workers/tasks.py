@@ -130,14 +130,163 @@ def _run_classify(job: Job, spec, ctx: StoreContext) -> dict[str, Any]:
             "dataset_id": spec.dataset_id, "adapter_id": spec.adapter_id, "model": spec.model}
 
 
+class _JudgeRowsContext:
+    """The job's context, with per-item rows going to the judge-score table instead of predictions."""
+
+    def __init__(self, ctx: StoreContext):
+        self._ctx = ctx
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._ctx, name)
+
+    def save_predictions(self, rows) -> None:
+        from workers.runner import _jsonable
+        with session_scope() as s:
+            resq.save_judge_scores(self._ctx.job_id, [_jsonable(r) for r in rows], session=s)
+
+
+def _adapter_meta(adapter_id: int | None) -> tuple[Path | None, dict[str, Any]]:
+    if adapter_id is None:
+        return None, {}
+    art = _adapter(adapter_id)
+    meta_file = Path(art.path) / "newslora.json"
+    return Path(art.path), (json.loads(meta_file.read_text()) if meta_file.exists() else {})
+
+
 def _run_judge(job: Job, spec, ctx: StoreContext) -> dict[str, Any]:
-    from workers.judge import judge_job
-    return judge_job(job.id, spec, ctx)
+    from workers.judge import answer_dialogue, dialogue_items, judge_items, make_judge
+    if spec.dialogue:
+        from workers.models import load_model
+        items = dialogue_items()
+        adapter_path, meta = _adapter_meta(spec.adapter_id)
+        model, tok = load_model(spec.model)
+        if adapter_path is not None:
+            from peft import PeftModel
+            model = PeftModel.from_pretrained(model, adapter_path).eval()
+        ctx.event(f"answering {len(items)} general instructions with {spec.model}"
+                  + (f" + adapter {spec.adapter_id}" if spec.adapter_id else ""))
+        items = answer_dialogue(items, model, tok, template=meta.get("template", "alpaca"),
+                                max_new_tokens=spec.answer_max_new_tokens)
+        del model
+        source = {"dialogue": True, "model": spec.model, "adapter_id": spec.adapter_id}
+    else:
+        if spec.classify_job_id is None:
+            raise InputError("a judge job needs classify_job_id (a generate-mode classify job) or dialogue=true")
+        with session_scope() as s:
+            cj = s.get(Job, spec.classify_job_id)
+            if cj is None or cj.kind != "classify":
+                raise InputError(f"job {spec.classify_job_id} is not a classify job")
+            if cj.spec.get("mode") != "generate":
+                raise InputError(f"classify job {cj.id} ran in {cj.spec.get('mode')} mode: the judge scores "
+                                 f"free-form responses, so judge a generate-mode job")
+            preds = resq.all_predictions(cj.id, session=s)
+            cresult = cj.result or {}
+            cspec = cj.spec
+        instruction = cresult.get("instruction") or ""
+        texts = {}
+        if cspec.get("dataset_id"):
+            from workers.prep import load_records
+            dataset_dir, _ = _dataset_dir(cspec["dataset_id"])
+            for rec in load_records(dataset_dir, cspec.get("split", "test")):
+                texts[str(rec["id"])] = rec
+        items = []
+        for p in preds:
+            if p.get("response") is None:
+                continue
+            rec = texts.get(p["item_id"], {})
+            items.append({"item_id": p["item_id"], "instruction": rec.get("instruction") or instruction,
+                          "input": rec.get("input", ""), "reference": p.get("gold") or rec.get("output", ""),
+                          "response": p["response"]})
+        if not items:
+            raise InputError(f"classify job {spec.classify_job_id} has no generated responses to judge")
+        source = {"classify_job_id": cj.id, "model": cspec.get("model"), "adapter_id": cspec.get("adapter_id")}
+    judge = make_judge(spec)
+    try:
+        rows, summary = judge_items(items, judge, spec, _JudgeRowsContext(ctx))
+    finally:
+        close = getattr(judge, "close", None)
+        if close:
+            close()
+    return {**source, "n": len(rows), "summary": summary}
+
+
+def _run_name(cspec: dict[str, Any], n_adapters: int) -> str:
+    if not cspec.get("adapter_id"):
+        return "base"
+    return "fine-tuned" if n_adapters == 1 else f"lora#{cspec['adapter_id']}"
+
+
+def _loss_history(adapter_id: int | None) -> list[dict[str, Any]] | None:
+    """Training loss per step and validation loss per eval, for the report's curves."""
+    if adapter_id is None:
+        return None
+    art = _adapter(adapter_id)
+    rows: list[dict[str, Any]] = []
+    for f in (Path(art.path).parent / "metrics.jsonl", Path(art.path) / "metrics.jsonl"):
+        if f.exists():
+            for line in f.read_text().splitlines():
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:
+                    continue
+            break
+    return rows or None
 
 
 def _run_evaluate(job: Job, spec, ctx: StoreContext) -> dict[str, Any]:
-    from workers.evaluation_job import evaluate_job
-    return evaluate_job(job.id, spec, ctx)
+    from workers.evaluate import evaluate_runs
+    from workers.judge import compare_judgements, summarize_judgements
+    from workers.report import write_report
+    with session_scope() as s:
+        def load(ids: list[int], what: str) -> list[Job]:
+            jobs = []
+            for i in ids:
+                j = s.get(Job, i)
+                if j is None or j.kind != what:
+                    raise InputError(f"job {i} is not a {what} job")
+                if j.status != "succeeded":
+                    raise InputError(f"{what} job {i} is {j.status}, not succeeded")
+                jobs.append(j)
+            return jobs
+        cjobs, gjobs, jjobs = (load(spec.classify_job_ids, "classify"), load(spec.generate_job_ids, "classify"),
+                               load(spec.judge_job_ids, "judge"))
+        n_adapters = len({j.spec.get("adapter_id") for j in cjobs if j.spec.get("adapter_id")})
+        runs = {_run_name(j.spec, n_adapters): resq.all_predictions(j.id, session=s) for j in cjobs}
+        gen = {_run_name(j.spec, n_adapters): resq.all_predictions(j.id, session=s) for j in gjobs}
+        label_names = (cjobs[0].result or {}).get("label_names")
+        judged, dialogue = {}, {}
+        for j in jjobs:
+            name = _run_name(j.result or j.spec, n_adapters)
+            (dialogue if j.spec.get("dialogue") else judged)[name] = resq.judge_scores(j.id, session=s)
+        adapter_ids = [j.spec["adapter_id"] for j in cjobs if j.spec.get("adapter_id")]
+        base_model = cjobs[0].spec.get("model")
+    if not label_names:
+        raise InputError("the classify jobs recorded no label names")
+    ctx.event(f"evaluating {', '.join(runs)} on {len(next(iter(runs.values())))} items")
+    doc = evaluate_runs(runs, label_names, judged or None, spec, generate_runs=gen or None)
+    if dialogue:
+        doc["dialogue"] = {name: summarize_judgements(rows) for name, rows in dialogue.items()}
+        names = list(dialogue)
+        if "base" in dialogue and len(names) > 1:
+            doc["dialogue_comparisons"] = {n: compare_judgements(dialogue["base"], dialogue[n])
+                                           for n in names if n != "base"}
+    doc["models_used"] = {"base_model": base_model, "adapter_ids": adapter_ids,
+                          "classify_job_ids": spec.classify_job_ids}
+    history = _loss_history(adapter_ids[0] if adapter_ids else None)
+    if history:
+        doc["loss_history"] = history
+    report_path = None
+    if spec.report:
+        report_path = str(write_report(doc, get_settings().path("reports", f"eval-job-{job.id}"),
+                                       loss_history=history))
+        ctx.event(f"report written: {report_path}")
+    with session_scope() as s:
+        ev = resq.evaluation_by_job(job.id, session=s) or resq.add_evaluation(
+            session=s, job_id=job.id, name=spec.name or f"evaluation {job.id}", spec=spec.model_dump(mode="json"),
+            document=doc, report_path=report_path)
+        eval_id = ev.id
+    acc = {name: m.get("accuracy") for name, m in doc["models"].items()}
+    return {"evaluation_id": eval_id, "report_path": report_path, "accuracy": acc}
 
 
 def _run_pipeline(job: Job, spec, ctx: StoreContext) -> dict[str, Any]:
