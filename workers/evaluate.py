@@ -91,8 +91,9 @@ def expected_calibration_error(confidences: Sequence[float], correct: Sequence[b
     hit = np.asarray(correct, dtype=np.float64)
     if conf.shape != hit.shape:
         raise ValueError(f"{len(conf)} confidences but {len(hit)} correctness flags")
-    if conf.size and (np.any(conf < 0) | np.any(conf > 1) | np.any(~np.isfinite(conf))):
+    if conf.size and (np.any(conf < -1e-6) | np.any(conf > 1 + 1e-6) | np.any(~np.isfinite(conf))):
         raise ValueError("confidences must lie in [0, 1]: pass probabilities, not logits")
+    conf = np.clip(conf, 0.0, 1.0)  # float error from a softmax (1.0000001) is not a bad input
     if conf.size == 0:
         return {"ece": None, "n": 0, "n_bins": n_bins, "bins": []}
     idx = np.clip(np.ceil(conf * n_bins).astype(int) - 1, 0, n_bins - 1)  # (n,) bin of each item
@@ -376,14 +377,15 @@ def evaluate_runs(runs: Mapping[str, Sequence[Pred]], label_names: Sequence[str]
 
     if not runs:
         raise ValueError("no runs to evaluate: pass at least one model's predictions")
-    spec = spec or EvaluateSpec(classify_job_ids=[1])
+    spec_dump = spec.model_dump(mode="json") if spec is not None else None
+    bootstrap, seed = (spec.bootstrap, spec.seed) if spec is not None else (1000, 0)
     names = list(runs)
     base = names[0]
     missing: list[str] = []
     models = {}
     for name in names:
         try:
-            models[name] = compute_metrics(runs[name], label_names, bootstrap=spec.bootstrap, seed=spec.seed)
+            models[name] = compute_metrics(runs[name], label_names, bootstrap=bootstrap, seed=seed)
         except ValueError as e:
             raise ValueError(f"run {name!r}: {e}") from e
         if models[name]["calibration"]["n"] == 0:
@@ -396,7 +398,7 @@ def evaluate_runs(runs: Mapping[str, Sequence[Pred]], label_names: Sequence[str]
             missing.append(f"{name}: {models[name]['unknown_labels']['n_items']} items have gold labels the "
                            f"model was not trained on ({labs}); counted wrong")
     comparisons = {name: compare_models(runs[base], runs[name], label_names=label_names,
-                                        bootstrap=spec.bootstrap, seed=spec.seed)
+                                        bootstrap=bootstrap, seed=seed)
                    for name in names[1:]}
     for name, cmp in comparisons.items():
         if cmp["missing"]["n_only_in_a"] or cmp["missing"]["n_only_in_b"]:
@@ -407,7 +409,7 @@ def evaluate_runs(runs: Mapping[str, Sequence[Pred]], label_names: Sequence[str]
 
     generate, generate_cmp = {}, {}
     for name, preds in (generate_runs or {}).items():
-        generate[name] = compute_metrics(preds, label_names, bootstrap=spec.bootstrap, seed=spec.seed)
+        generate[name] = compute_metrics(preds, label_names, bootstrap=bootstrap, seed=seed)
         if generate[name]["instruction_following"] is None:
             missing.append(f"{name}: generate run has no instruction-following flags")
     gen_names = list(generate_runs or {})
@@ -416,14 +418,14 @@ def evaluate_runs(runs: Mapping[str, Sequence[Pred]], label_names: Sequence[str]
         for name in gen_names:
             if name != gbase:
                 generate_cmp[name] = compare_models(generate_runs[gbase], generate_runs[name],
-                                                    label_names=label_names, bootstrap=spec.bootstrap,
-                                                    seed=spec.seed)
+                                                    label_names=label_names, bootstrap=bootstrap,
+                                                    seed=seed)
     else:
         missing.append("no generate-mode runs: no instruction-following rate")
 
     judge_summary, judge_cmp = {}, {}
     for name, rows in (judge or {}).items():
-        judge_summary[name] = summarize_judgements(rows, bootstrap=spec.bootstrap, seed=spec.seed)
+        judge_summary[name] = summarize_judgements(rows, bootstrap=bootstrap, seed=seed)
         if judge_summary[name]["n_unscored"]:
             missing.append(f"{name}: the judge could not score {judge_summary[name]['n_unscored']} of "
                            f"{judge_summary[name]['n']} responses")
@@ -432,8 +434,8 @@ def evaluate_runs(runs: Mapping[str, Sequence[Pred]], label_names: Sequence[str]
         jbase = base if base in judge else jnames[0]
         for name in jnames:
             if name != jbase:
-                judge_cmp[name] = compare_judgements(judge[jbase], judge[name], bootstrap=spec.bootstrap,
-                                                     seed=spec.seed)
+                judge_cmp[name] = compare_judgements(judge[jbase], judge[name], bootstrap=bootstrap,
+                                                     seed=seed)
         for name in names:
             if name not in judge:
                 missing.append(f"{name}: not judged")
@@ -441,7 +443,7 @@ def evaluate_runs(runs: Mapping[str, Sequence[Pred]], label_names: Sequence[str]
         missing.append("no judge results: no coherence or instruction-following scores")
 
     return {
-        "name": spec.name,
+        "name": spec.name if spec is not None else None,
         "label_names": list(label_names),
         "base": base,
         "models": models,
@@ -451,5 +453,5 @@ def evaluate_runs(runs: Mapping[str, Sequence[Pred]], label_names: Sequence[str]
         "judge": judge_summary,
         "judge_comparisons": judge_cmp,
         "missing": missing,
-        "spec": spec.model_dump(mode="json"),
+        "spec": spec_dump,
     }

@@ -512,6 +512,10 @@ def _judge_one(item: Mapping[str, Any], judge: Judge, digest: str | None, spec: 
             row["latency_ms"] = round((time.perf_counter() - t0) * 1000, 1)
             row["error"], row["error_kind"] = str(e), e.kind
             return row
+        except Exception as e:  # noqa: BLE001 - a backend failure (e.g. out of memory) costs this item only
+            row["latency_ms"] = round((time.perf_counter() - t0) * 1000, 1)
+            row["error"], row["error_kind"] = f"{type(e).__name__}: {e}", "judge_error"
+            return row
     assert answer is not None
     row["error"] = row["error_kind"] = None
     row["raw"] = answer.content[:RAW_KEEP_CHARS]

@@ -211,3 +211,11 @@ def test_evaluate_runs_document_is_json(seven):
 def test_evaluate_runs_names_the_bad_run(seven):
     with pytest.raises(ValueError, match="run 'lora'"):
         evaluate_runs({"base": seven, "lora": []}, LABELS)
+
+
+def test_evaluate_runs_without_spec_and_softmax_rounding():
+    probs = {"A": 1.0000001, "B": 0.0}  # float error from a softmax is accepted (and clipped)
+    ev = evaluate_runs({"m": [pred(1, "A", "A", probs), pred(2, "B", "B", {"A": 0.4, "B": 0.6})]}, LABELS)
+    assert ev["spec"] is None and ev["name"] is None
+    assert ev["models"]["m"]["calibration"]["ece"] == pytest.approx((0.0 + 0.4) / 2)
+    assert any("only one model" in m for m in ev["missing"])

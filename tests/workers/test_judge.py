@@ -9,9 +9,10 @@ import pytest
 
 from tests.fakes.ollama_server import FakeOllama
 from workers.context import JobCancelled, LocalContext
-from workers.judge import (JUDGE_SCHEMA, RUBRIC, RUBRIC_VERSION, JudgeModelMissing, JudgeUnavailable, LocalJudge,
-                           OllamaJudge, Unscorable, answer_dialogue, dialogue_items, judge_items, judge_messages,
-                           make_judge, parse_judgement, sample_items, split_thinking, summarize_judgements)
+from workers.judge import (JUDGE_SCHEMA, RUBRIC, RUBRIC_VERSION, JudgeAnswer, JudgeModelMissing, JudgeUnavailable,
+                           LocalJudge, OllamaJudge, Unscorable, answer_dialogue, dialogue_items, judge_items,
+                           judge_messages, make_judge, parse_judgement, sample_items, split_thinking,
+                           summarize_judgements)
 from workers.specs.judge import JudgeSpec
 
 MODEL = "deepseek-r1:8b"
@@ -287,3 +288,21 @@ def test_local_judge_smollm2_runs(smollm2_dir):
         assert r["raw"] is not None
         if r["status"] == "scored":
             assert 0 <= r["coherence"] <= 100 and 0 <= r["following"] <= 100
+
+
+def test_any_backend_failure_costs_one_item_only():
+    class Flaky:
+        backend, model = "stub", "stub-1"
+
+        def digest(self):
+            return "d0"
+
+        def ask(self, messages):
+            if "score-me 10" in messages[-1]["content"]:
+                raise RuntimeError("CUDA out of memory")
+            return JudgeAnswer('{"coherence": 50, "following": 50}')
+
+    rows, summary = judge_items(items(3), Flaky(), spec(), LocalContext())
+    assert [r["status"] for r in rows] == ["scored", "unscored", "scored"]
+    assert rows[1]["error_kind"] == "judge_error" and "out of memory" in rows[1]["error"]
+    assert summary["unscored_reasons"] == {"judge_error": 1} and rows[0]["model_digest"] == "d0"
