@@ -36,8 +36,10 @@ class PrepSpec(Spec):
     template: Literal["alpaca", "chat"] = "alpaca"
     validation_fraction: float = Field(default=0.05, ge=0, lt=1)
     seed: int = 0
-    max_per_class: int | None = Field(default=None, ge=1, description="cap per class in train (balanced subset)")
-    test_max_per_class: int | None = Field(default=None, ge=1, description="cap per class in test (a sample)")
+    max_per_class: int | None = Field(default=None, ge=1,
+                                      description="cap per class in train (a seeded sample); validation then keeps "
+                                                  "validation_fraction of train + validation")
+    test_max_per_class: int | None = Field(default=None, ge=1, description="cap per class in test (a seeded sample)")
     keep_raw: bool = Field(default=False, description="keep the text as read, before cleaning, in a `raw` field")
     line_breaks: Literal["space", "newline"] = Field(
         default="space", description="what an AG News backslash line break becomes in the cleaned text")
