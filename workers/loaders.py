@@ -329,7 +329,8 @@ def _csv_rows(path: Path, reader, n_fields: int, text_idx: list[int], label_idx:
         except StopIteration:
             return
         except csv.Error as e:
-            raise PrepError(f"{path} line {reader.line_num}: not readable as CSV ({e}): fix the quoting there") from None
+            raise PrepError(f"{path} line {reader.line_num}: not readable as CSV ({e}): fix the quoting "
+                            f"there") from None
         n, start = start, reader.line_num + 1
         if not fields:
             yield RawRow(n, problem="blank_line", detail="is blank")
@@ -396,7 +397,8 @@ def _load_hub(key: str, spec: SourceSpec, label_names: list[str]) -> LoadedSourc
     except Exception as e:  # noqa: BLE001 - datasets raises many kinds (network, missing split, bad files)
         raise PrepError(f"could not load {spec.path!r} split {split!r} with datasets.load_dataset "
                         f"({type(e).__name__}: {str(e)[:300]}); where the hub is out of reach, download the "
-                        f"dataset's files and give their local path (a .parquet/.jsonl/.csv file or a folder)") from None
+                        f"dataset's files and give their local path (a .parquet/.jsonl/.csv file or a "
+                        f"folder)") from None
     cols = [*spec.text_columns, spec.label_column]
     missing = [c for c in cols if c not in ds.column_names]
     if missing:

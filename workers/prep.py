@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from workers.context import JobContext
-from workers.loaders import PrepError, LoadedSource, RawRow, load_source
+from workers.loaders import LoadedSource, PrepError, load_source
 from workers.prompts import default_instruction, split_prompt
 from workers.specs.prep import PrepSpec
 
@@ -123,7 +123,8 @@ def clean_text(s: str, *, line_breaks: str = "space") -> tuple[str, Counter]:
 
     Returns:
         (cleaned text, counts of what was cleaned, keyed by the escape as written without its "&" --
-        "#39;", "quot;" -- or by kind: "backslash_line_break", "backslash_dollar", "double_escape" ("amp;quot;"), "control_char",
+        "#39;", "quot;" -- or by kind: "backslash_line_break", "backslash_dollar", "double_escape"
+        ("amp;quot;"), "control_char",
         "whitespace" (1 per text whose whitespace changed)).
     """
     counts: Counter = Counter()
@@ -370,7 +371,8 @@ def token_lengths(tokenizer, instruction: str, inputs: Sequence[str], outputs: S
     suffixes = [i + after + o for i, o in zip(inputs, outputs)]
     if suffixes and _prefix_is_separable(tokenizer, prefix) and all(s[:1] and not s[0].isspace() for s in inputs):
         # The prefix's tokens as they are when text follows it: alone, its final "\n\n" would be one token.
-        n_prefix = len(tokenizer(prefix + "a")["input_ids"]) - len(tokenizer("a", add_special_tokens=False)["input_ids"])
+        n_prefix = len(tokenizer(prefix + "a")["input_ids"]) - \
+            len(tokenizer("a", add_special_tokens=False)["input_ids"])
 
         def encode(texts: list[str]) -> list[int]:
             enc = tokenizer(texts, add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False)
@@ -499,21 +501,40 @@ def prepare_dataset(spec: PrepSpec, out_dir: Path, ctx: JobContext) -> dict[str,
               for name, exs in (("train", train), ("validation", val), ("test", test))}
     phases.done("split", **{name: len(recs) for name, recs in splits.items()})
 
-    lengths = None
-    if tokenizer is not None:
-        all_recs = [r for name in SPLITS for r in splits[name]]
-        lens, method = token_lengths(tokenizer, instruction, [r["input"] for r in all_recs],
-                                     [r["output"] for r in all_recs], template=spec.template)
-        lengths, i = {"tokenizer": spec.tokenizer, "method": method, "all": _percentiles(lens)}, 0
-        for name in SPLITS:
-            lengths[name] = _percentiles(lens[i:i + len(splits[name])])
-            i += len(splits[name])
+    lengths = _length_stats(tokenizer, spec, instruction, splits)
     phases.done("tokenize", rows=sum(map(len, splits.values())))
 
     drops.report(ctx, sources)
-    meta = {
+    meta = _meta(spec, instruction, sources, examples, splits, lengths, cleaned, drops)
+    _write_artifact(out_dir, splits, meta, phases)
+    ctx.event(f"prep: wrote {out_dir}", metrics={n: meta["splits"][n]["records"] for n in SPLITS}
+              | {"hash": meta["hash"]})
+    return meta
+
+
+def _length_stats(tokenizer, spec: PrepSpec, instruction: str,
+                  splits: dict[str, list[dict[str, Any]]]) -> dict[str, Any] | None:
+    """Token-length percentiles of prompt + response, over all records and per split (None without a tokenizer)."""
+    if tokenizer is None:
+        return None
+    records = [r for name in SPLITS for r in splits[name]]
+    lens, method = token_lengths(tokenizer, instruction, [r["input"] for r in records],
+                                 [r["output"] for r in records], template=spec.template)
+    stats: dict[str, Any] = {"tokenizer": spec.tokenizer, "method": method, "all": _percentiles(lens)}
+    i = 0
+    for name in SPLITS:
+        stats[name] = _percentiles(lens[i:i + len(splits[name])])
+        i += len(splits[name])
+    return stats
+
+
+def _meta(spec: PrepSpec, instruction: str, sources: dict[str, LoadedSource], examples: dict[str, list[Example]],
+          splits: dict[str, list[dict[str, Any]]], lengths: dict[str, Any] | None, cleaned: Counter,
+          drops: DropLog) -> dict[str, Any]:
+    return {
         "format_version": META_VERSION,
         "name": spec.name,
+        "hash": None,  # sha256 over the split files' sha256s (see _write_artifact)
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "code_version": _code_version(),
         "sources": {key: {**src.info, "rows_read": len(src.rows), "rows_kept": len(examples[key])}
@@ -531,6 +552,12 @@ def prepare_dataset(spec: PrepSpec, out_dir: Path, ctx: JobContext) -> dict[str,
         "dropped_by_source": {key: dict(sorted(c.items())) for key, c in drops.counts.items()},
         "spec": spec.model_dump(mode="json"),
     }
+
+
+def _write_artifact(out_dir: Path, splits: dict[str, list[dict[str, Any]]], meta: dict[str, Any],
+                    phases: _Phases) -> None:
+    """Write the splits and meta.json (filling in its hashes) into a temp folder beside out_dir, then rename it
+    into place; on any failure, cancellation included, the temp folder is removed."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
@@ -540,7 +567,7 @@ def prepare_dataset(spec: PrepSpec, out_dir: Path, ctx: JobContext) -> dict[str,
             digest = _write_split(tmp / f"{name}.jsonl", splits[name])
             meta["splits"][name] = {"file": f"{name}.jsonl", "records": len(splits[name]), "sha256": digest}
             content.update(f"{name}:{digest}\n".encode())
-        meta["content_hash"] = content.hexdigest()
+        meta["hash"] = content.hexdigest()
         phases.done("write", bytes=sum((tmp / f"{n}.jsonl").stat().st_size for n in SPLITS))
         meta["timings_s"] = phases.seconds
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -548,9 +575,6 @@ def prepare_dataset(spec: PrepSpec, out_dir: Path, ctx: JobContext) -> dict[str,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    ctx.event(f"prep: wrote {out_dir}", metrics={n: meta["splits"][n]["records"] for n in SPLITS}
-              | {"content_hash": meta["content_hash"]})
-    return meta
 
 
 # ---------------------------------------------------------------------------------------------------

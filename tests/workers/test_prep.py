@@ -130,7 +130,7 @@ def test_meta_records_cleaning_hash_and_spec(prepared):
     assert meta["cleaned"]["backslash_line_break"] > 1000 and meta["cleaned"]["quot;"] > 1000
     assert meta["spec"]["train"]["path"].endswith("train.jsonl")
     assert PrepSpec.model_validate(meta["spec"]) == ag_spec(Path(meta["spec"]["train"]["path"]).parent)
-    assert len(meta["content_hash"]) == 64 and meta["token_lengths"] is None
+    assert len(meta["hash"]) == 64 and meta["token_lengths"] is None
     assert read_meta(out) == json.loads((out / "meta.json").read_text())
     phases = [e["message"] for e in ctx.events if e["message"].startswith("prep: ") and "total" in e["metrics"]]
     assert phases == ["prep: setup", "prep: load", "prep: clean", "prep: dedupe", "prep: split", "prep: tokenize",
@@ -157,10 +157,11 @@ def test_caps_are_seeded_balanced_samples(ag_news_dir, tmp_path):
     assert meta["dropped_by_source"]["test"] == {"over_cap": 7600 - 120}
     assert meta["dropped_by_source"]["train"] == {"in_test": 1, "over_cap": 7790 - 4 * 56}
     again = prepare_dataset(spec, tmp_path / "b", LocalContext())
-    assert again["content_hash"] == meta["content_hash"]
+    assert again["hash"] == meta["hash"]
     other = prepare_dataset(spec.model_copy(update={"seed": 8}), tmp_path / "c", LocalContext())
-    assert other["content_hash"] != meta["content_hash"]
-    assert {r["id"] for r in load_records(tmp_path / "a", "test")} != {r["id"] for r in load_records(tmp_path / "c", "test")}
+    assert other["hash"] != meta["hash"]
+    ids = {d: {r["id"] for r in load_records(tmp_path / d, "test")} for d in ("a", "b", "c")}
+    assert ids["a"] == ids["b"] != ids["c"]
 
 
 def test_keep_raw_and_newline_breaks(ag_news_dir, tmp_path):
@@ -406,9 +407,9 @@ def test_failed_rerun_keeps_the_previous_dataset(tmp_path, ag_news_dir):
     with pytest.raises(JobCancelled):
         prepare_dataset(spec.model_copy(update={"seed": 3}), tmp_path / "out", LocalContext(cancel_after_checks=7))
     assert leftovers(tmp_path, "out") == ["out"]
-    assert read_meta(tmp_path / "out")["content_hash"] == first["content_hash"]
+    assert read_meta(tmp_path / "out")["hash"] == first["hash"]
     second = prepare_dataset(spec.model_copy(update={"seed": 3}), tmp_path / "out", LocalContext())
-    assert read_meta(tmp_path / "out")["content_hash"] == second["content_hash"] != first["content_hash"]
+    assert read_meta(tmp_path / "out")["hash"] == second["hash"] != first["hash"]
     assert leftovers(tmp_path, "out") == ["out"]
 
 
