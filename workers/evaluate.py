@@ -350,10 +350,26 @@ def compare_models(preds_a: Sequence[Pred], preds_b: Sequence[Pred], *, label_na
 # The whole evaluation
 
 
+def _judge_block(rows_by_model: Mapping[str, Sequence[Mapping[str, Any]]] | None, base: str, bootstrap: int,
+                 seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(summary per model, paired change of every other model against the base, or the first judged)."""
+    from workers.judge import compare_judgements, summarize_judgements
+
+    if not rows_by_model:
+        return {}, {}
+    summaries = {name: summarize_judgements(rows, bootstrap=bootstrap, seed=seed)
+                 for name, rows in rows_by_model.items()}
+    ref = base if base in rows_by_model else next(iter(rows_by_model))
+    cmps = {name: compare_judgements(rows_by_model[ref], rows, bootstrap=bootstrap, seed=seed)
+            for name, rows in rows_by_model.items() if name != ref}
+    return summaries, cmps
+
+
 def evaluate_runs(runs: Mapping[str, Sequence[Pred]], label_names: Sequence[str],
                   judge: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
                   spec: EvaluateSpec | None = None, *,
-                  generate_runs: Mapping[str, Sequence[Pred]] | None = None) -> dict[str, Any]:
+                  generate_runs: Mapping[str, Sequence[Pred]] | None = None,
+                  dialogue: Mapping[str, Sequence[Mapping[str, Any]]] | None = None) -> dict[str, Any]:
     """The evaluation document: per-model metrics, paired comparisons against the base, judge summaries.
 
     Args:
@@ -363,18 +379,18 @@ def evaluate_runs(runs: Mapping[str, Sequence[Pred]], label_names: Sequence[str]
         spec: the evaluate job's spec (bootstrap count, seed, name); None uses the defaults.
         generate_runs: model name -> generate-mode predictions (accuracy of free answers and instruction
             following), or None.
+        dialogue: model name -> judge rows over the general-instruction set (workers/data/dialogue.jsonl).
 
     Returns:
         JSON-ready {name, label_names, base, models {name: metrics}, generate {name: metrics},
         comparisons {name: compare_models(base, name)}, generate_comparisons, judge {name: summary},
-        judge_comparisons {name: paired judge-score change vs the base}, missing [what could not be
+        judge_comparisons {name: paired judge-score change vs the base}, dialogue and
+        dialogue_comparisons (the same for the general-instruction set), missing [what could not be
         computed and why], spec}.
 
     Raises:
         ValueError: no runs, or malformed predictions (see compute_metrics).
     """
-    from workers.judge import compare_judgements, summarize_judgements
-
     if not runs:
         raise ValueError("no runs to evaluate: pass at least one model's predictions")
     spec_dump = spec.model_dump(mode="json") if spec is not None else None
@@ -423,24 +439,19 @@ def evaluate_runs(runs: Mapping[str, Sequence[Pred]], label_names: Sequence[str]
     else:
         missing.append("no generate-mode runs: no instruction-following rate")
 
-    judge_summary, judge_cmp = {}, {}
-    for name, rows in (judge or {}).items():
-        judge_summary[name] = summarize_judgements(rows, bootstrap=bootstrap, seed=seed)
-        if judge_summary[name]["n_unscored"]:
-            missing.append(f"{name}: the judge could not score {judge_summary[name]['n_unscored']} of "
-                           f"{judge_summary[name]['n']} responses")
+    judge_summary, judge_cmp = _judge_block(judge, base, bootstrap, seed)
+    for name, summ in judge_summary.items():
+        if summ["n_unscored"]:
+            missing.append(f"{name}: the judge could not score {summ['n_unscored']} of {summ['n']} responses")
     if judge:
-        jnames = list(judge)
-        jbase = base if base in judge else jnames[0]
-        for name in jnames:
-            if name != jbase:
-                judge_cmp[name] = compare_judgements(judge[jbase], judge[name], bootstrap=bootstrap,
-                                                     seed=seed)
-        for name in names:
-            if name not in judge:
-                missing.append(f"{name}: not judged")
+        missing += [f"{name}: not judged" for name in names if name not in judge]
     else:
         missing.append("no judge results: no coherence or instruction-following scores")
+    dialogue_summary, dialogue_cmp = _judge_block(dialogue, base, bootstrap, seed)
+    for name, summ in dialogue_summary.items():
+        if summ["n_unscored"]:
+            missing.append(f"{name}: the judge could not score {summ['n_unscored']} of {summ['n']} "
+                           f"general-instruction answers")
 
     return {
         "name": spec.name if spec is not None else None,
@@ -452,6 +463,8 @@ def evaluate_runs(runs: Mapping[str, Sequence[Pred]], label_names: Sequence[str]
         "generate_comparisons": generate_cmp,
         "judge": judge_summary,
         "judge_comparisons": judge_cmp,
+        "dialogue": dialogue_summary,
+        "dialogue_comparisons": dialogue_cmp,
         "missing": missing,
         "spec": spec_dump,
     }

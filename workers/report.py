@@ -58,6 +58,27 @@ def _p(p: float | None) -> str:
     return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
 
 
+def _judge_rows(ev: Mapping[str, Any], block: str, label: str, names: Sequence[str],
+                others: Sequence[str]) -> list[list[str]]:
+    """Summary rows for a block of judge summaries ("judge" or "dialogue") and its "<block>_comparisons"."""
+    summaries, cmps = ev.get(block) or {}, ev.get(f"{block}_comparisons") or {}
+    if not summaries:
+        return []
+    rows = []
+    for key, title in (("coherence", "coherence"), ("following", "instruction following")):
+        row = [f"{label}: {title} 0-100 (95% CI)"]
+        for n in names:
+            s = summaries.get(n)
+            m = s.get(key) if s else None
+            row.append(f"{_num(m['mean'], m.get('ci')) if m else '–'} (scored {s['n_scored']}, "
+                       f"unscored {s['n_unscored']})" if s else "–")
+        for n in others:
+            d = (cmps.get(n) or {}).get(key)
+            row.append(f"{_num(d['mean'], d.get('ci'), signed=True)} (paired n={d['n']})" if d else "–")
+        rows.append(row)
+    return rows
+
+
 def summary_rows(ev: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
     """(header, rows) of the summary table: one row per metric, a column per model, then the change of
     each other model against the base (with its interval and test)."""
@@ -66,7 +87,6 @@ def summary_rows(ev: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
     others = [n for n in names if n != base]
     header = ["metric"] + names + [f"{n} − {base}" for n in others]
     models, cmps = ev.get("models") or {}, ev.get("comparisons") or {}
-    judge, jcmp = ev.get("judge") or {}, ev.get("judge_comparisons") or {}
     rows: list[list[str]] = []
 
     def point(name: str, key: str) -> float | None:
@@ -108,22 +128,8 @@ def summary_rows(ev: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
     failed += ["" for _ in others]
     rows.append(failed)
 
-    if judge:
-        for key, title in (("coherence", "judge coherence 0-100 (95% CI)"),
-                           ("following", "judge instruction following 0-100 (95% CI)")):
-            row = [title]
-            for n in names:
-                s = judge.get(n)
-                if not s:
-                    row.append("–")
-                    continue
-                m = s.get(key)
-                row.append(f"{_num(m['mean'], m.get('ci')) if m else '–'} (scored {s['n_scored']}, "
-                           f"unscored {s['n_unscored']})")
-            for n in others:
-                d = (jcmp.get(n) or {}).get(key)
-                row.append(f"{_num(d['mean'], d.get('ci'), signed=True)} (paired n={d['n']})" if d else "–")
-            rows.append(row)
+    for block, label in (("judge", "judge"), ("dialogue", "general instructions, judge")):
+        rows += _judge_rows(ev, block, label, names, others)
     return header, rows
 
 
@@ -224,9 +230,20 @@ def plot_calibration(ev: Mapping[str, Any]) -> Figure | None:
     return fig
 
 
+def _loss_points(rows: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> list[tuple[float, float]]:
+    pts = []
+    for i, r in enumerate(rows):
+        v = next((r[k] for k in keys if r.get(k) is not None), None)
+        if v is not None:
+            pts.append((float(r.get("step", i)), float(v)))
+    return pts
+
+
 def plot_loss(loss_history: Sequence[Mapping[str, Any]]) -> Figure | None:
-    train = [(r["step"], r["loss"]) for r in loss_history if r.get("loss") is not None]
-    val = [(r["step"], r["val_loss"]) for r in loss_history if r.get("val_loss") is not None]
+    """Training loss per step and validation loss per evaluation (rows {step, loss, val_loss?}; the names
+    train_loss and eval_loss are read too)."""
+    train = _loss_points(loss_history, ("loss", "train_loss"))
+    val = _loss_points(loss_history, ("val_loss", "eval_loss", "validation_loss"))
     if not train and not val:
         return None
     fig = _fig(6.0, 3.8)
@@ -243,8 +260,9 @@ def plot_loss(loss_history: Sequence[Mapping[str, Any]]) -> Figure | None:
     return fig
 
 
-def plot_judge(ev: Mapping[str, Any]) -> Figure | None:
-    judge = ev.get("judge") or {}
+def plot_judge(ev: Mapping[str, Any], block: str = "judge") -> Figure | None:
+    """Score histograms of each judged model, coherence and instruction following side by side."""
+    judge = ev.get(block) or {}
     if not judge:
         return None
     fig = _fig(9.0, 3.6)
@@ -259,7 +277,7 @@ def plot_judge(ev: Mapping[str, Any]) -> Figure | None:
         ax.set_xlabel(f"{key} score")
         ax.set_ylabel("responses")
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_title(f"judge: {key}")
+        ax.set_title(f"{'judge' if block == 'judge' else 'general instructions'}: {key}")
     axes[0].legend(fontsize=7)
     return fig
 
@@ -318,6 +336,7 @@ def write_report(evaluation: Mapping[str, Any], out_dir: Path, *,
     save(plot_calibration(evaluation), "calibration.png")
     save(plot_loss(loss_history) if loss_history else None, "loss.png")
     save(plot_judge(evaluation), "judge_scores.png")
+    save(plot_judge(evaluation, "dialogue"), "dialogue_scores.png")
 
     def img(name: str, alt: str) -> str:
         return f'<img src="{images[name]}" alt="{html.escape(alt)}">' if name in images else \
@@ -342,13 +361,17 @@ def write_report(evaluation: Mapping[str, Any], out_dir: Path, *,
         "<h2 id='calibration'>Calibration</h2>", img("calibration.png", "reliability diagram"),
         "<h2 id='loss'>Training and validation loss</h2>", img("loss.png", "loss curves"),
         "<h2 id='judge'>Judge scores</h2>", img("judge_scores.png", "judge score distributions"),
+        "<h2 id='dialogue'>General instructions (judged)</h2>",
+        "<p class='note'>Answers to the shipped general-instruction set, scored by the judge: does fine-tuning "
+        "leave the model able to follow other instructions?</p>",
+        img("dialogue_scores.png", "general-instruction score distributions"),
     ]
-    judge = evaluation.get("judge") or {}
-    if judge:
-        jrows = [[n, str(s.get("judge_model")), str(s.get("backend")), str(s.get("model_digest"))[:24],
-                  str(s.get("rubric_version")), str(s["n_scored"]), str(s["n_unscored"]),
-                  ", ".join(f"{k}: {v}" for k, v in s["unscored_reasons"].items())]
-                 for n, s in judge.items()]
+    jrows = [[f"{n} ({block})", str(s.get("judge_model")), str(s.get("backend")), str(s.get("model_digest"))[:24],
+              str(s.get("rubric_version")), str(s["n_scored"]), str(s["n_unscored"]),
+              ", ".join(f"{k}: {v}" for k, v in s["unscored_reasons"].items())]
+             for block in ("judge", "dialogue") for n, s in (evaluation.get(block) or {}).items()]
+    if jrows:
+        parts.append("<h3>Judges</h3>")
         parts.append(_table(["model judged", "judge", "backend", "digest", "rubric", "scored", "unscored",
                              "unscored reasons"], jrows))
     missing = evaluation.get("missing") or []

@@ -191,7 +191,8 @@ def test_evaluate_runs_document_is_json(seven):
     ev = evaluate_runs({"base": seven, "lora": improved}, LABELS,
                        {"base": judge_rows(40), "lora": judge_rows(60)},
                        EvaluateSpec(classify_job_ids=[1, 2], bootstrap=50, name="t"),
-                       generate_runs={"base": [dict(p, follows_instruction=p["label"] is not None) for p in seven]})
+                       generate_runs={"base": [dict(p, follows_instruction=p["label"] is not None) for p in seven]},
+                       dialogue={"base": judge_rows(50), "lora": judge_rows(45)})
     json.dumps(ev, allow_nan=False)
     assert ev["base"] == "base" and list(ev["models"]) == ["base", "lora"]
     assert ev["models"]["lora"]["accuracy"]["value"] == pytest.approx(6 / 7)
@@ -201,6 +202,9 @@ def test_evaluate_runs_document_is_json(seven):
     assert ev["judge"]["lora"]["n_unscored"] == 1 and ev["judge"]["lora"]["n_scored"] == 4
     assert ev["judge"]["lora"]["coherence"]["mean"] == pytest.approx(61.5)
     assert ev["judge_comparisons"]["lora"]["coherence"]["mean"] == pytest.approx(20.0)
+    assert ev["dialogue"]["base"]["following"]["mean"] == pytest.approx(50.0)
+    assert ev["dialogue_comparisons"]["lora"]["following"]["mean"] == pytest.approx(-5.0)
+    assert any("general-instruction answers" in m for m in ev["missing"])
     assert any("not trained on" in m for m in ev["missing"])
     assert any("no score probabilities" in m for m in ev["missing"])
     assert any("could not score 1 of 5" in m for m in ev["missing"])

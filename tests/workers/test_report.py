@@ -42,21 +42,23 @@ def evaluation() -> dict:
     return evaluate_runs({"base": preds(14, failed=3), "lora": preds(34)}, LABELS,
                          {"base": judge_rows(0), "lora": judge_rows(20)},
                          EvaluateSpec(classify_job_ids=[1, 2], bootstrap=100, name="AG News: base vs LoRA"),
-                         generate_runs={"base": preds(12, failed=6), "lora": preds(33)})
+                         generate_runs={"base": preds(12, failed=6), "lora": preds(33)},
+                         dialogue={"base": judge_rows(30), "lora": judge_rows(25)})
 
 
 def test_report_has_sections_and_valid_pngs(evaluation, tmp_path):
-    loss = [{"step": s, "loss": 2.0 / (1 + s / 10), **({"val_loss": 2.2 / (1 + s / 12)} if s % 20 == 0 else {})}
-            for s in range(0, 101, 5)]
+    loss = [{"step": s, "loss": 2.0 / (1 + s / 10)} for s in range(0, 101, 5)]
+    loss += [{"step": s, "eval_loss": 2.2 / (1 + s / 12)} for s in range(0, 101, 20)]  # the other spelling
     path = write_report(evaluation, tmp_path / "out", loss_history=loss)
     assert path == tmp_path / "out" / "report.html"
     page = path.read_text()
     for section in ("id='summary'", "id='per-class'", "id='confusion'", "id='f1'", "id='calibration'", "id='loss'",
-                    "id='judge'", "id='missing'"):
+                    "id='judge'", "id='dialogue'", "id='missing'"):
         assert section in page
     assert "AG News: base vs LoRA" in page and "McNemar" in page and "Sci/Tech" in page
     assert "no data" not in page
-    pngs = ["confusion.png", "per_class_f1.png", "calibration.png", "loss.png", "judge_scores.png"]
+    pngs = ["confusion.png", "per_class_f1.png", "calibration.png", "loss.png", "judge_scores.png",
+            "dialogue_scores.png"]
     embedded = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
     assert len(embedded) == len(pngs)
     for name, b64 in zip(pngs, embedded):
@@ -75,15 +77,19 @@ def test_summary_numbers(evaluation):
     assert "+50.0 pts" in table["accuracy (95% CI)"][2] and "McNemar p < 0.001 (b=0, c=20)" in table["accuracy (95% CI)"][2]
     assert table["failed items (counted wrong)"][:2] == ["3 of 40", "0 of 40"]
     assert table["instruction following (95% CI)"][0].startswith("85.0%")  # 34 of 40 answered
-    assert table["judge coherence 0-100 (95% CI)"][0].startswith("47.5 [")  # mean of 30..65 step 5
-    assert "unscored 1" in table["judge coherence 0-100 (95% CI)"][0]
-    assert table["judge coherence 0-100 (95% CI)"][2].startswith("+20.0")
+    assert table["judge: coherence 0-100 (95% CI)"][0].startswith("47.5 [")  # mean of 30..65 step 5
+    assert "unscored 1" in table["judge: coherence 0-100 (95% CI)"][0]
+    assert table["judge: coherence 0-100 (95% CI)"][2].startswith("+20.0")
+    # The general-instruction set got worse after fine-tuning: the table says so.
+    assert table["general instructions, judge: coherence 0-100 (95% CI)"][2].startswith("-5.0")
+    assert table["general instructions, judge: instruction following 0-100 (95% CI)"][1].startswith("59.0 [")
 
 
 def test_report_without_judge_or_loss(tmp_path):
     ev = evaluate_runs({"only": preds(20)}, LABELS, None, EvaluateSpec(classify_job_ids=[1], bootstrap=20))
     page = write_report(ev, tmp_path).read_text()
     assert "loss curves: no data" in page and "judge score distributions: no data" in page
+    assert "general-instruction score distributions: no data" in page
     assert not (tmp_path / "loss.png").exists() and (tmp_path / "confusion.png").exists()
     assert "only one model" in page
 
