@@ -14,7 +14,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore", populate_by_name=True)
+    # No populate_by_name: a field name such as `home` must not read the HOME variable.
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
 
     home: Path = Field(default=Path.home() / ".newslora", alias="NEWSLORA_HOME")
     database_url: str | None = Field(default=None, alias="DATABASE_URL")
