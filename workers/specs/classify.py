@@ -26,13 +26,18 @@ class ClassifySpec(Spec):
     label_names: list[str] | None = None
     instruction: str | None = None
     template: Literal["alpaca", "chat"] | None = None
-    mode: Literal["score", "generate"] = "score"
+    mode: Literal["score", "generate"] = Field(
+        default="score", description="score: the label whose tokens are most likely after the prompt (always a "
+        "valid label); generate: free generation parsed to a label (may name none)")
     batch_size: int = Field(default=16, ge=1, le=1024)
-    max_new_tokens: int = Field(default=16, ge=1, le=1024)
-    temperature: float = Field(default=0.0, ge=0)
+    max_new_tokens: int = Field(default=16, ge=1, le=1024, description="generate mode: most tokens generated")
+    temperature: float = Field(default=0.0, ge=0, description="generate mode: 0 is greedy")
     top_p: float = Field(default=1.0, gt=0, le=1)
     repetition_penalty: float = Field(default=1.0, gt=0)
-    max_input_tokens: int | None = Field(default=None, ge=8)
+    max_input_tokens: int | None = Field(
+        default=None, ge=8, description="most tokens of each item's text; a longer text is cut at the end and the "
+        "item flagged 'truncated' (the prompt template is never cut). Default: what the model's context allows")
+    seed: int = Field(default=0, description="sampling seed for mode='generate' with temperature > 0")
     dtype: Literal["auto", "bf16", "fp32", "fp16"] = "auto"
     device: str = "auto"
 
