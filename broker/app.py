@@ -6,6 +6,8 @@ the job row's lease (see workers/runner.py) makes a second delivery harmless.
 """
 from __future__ import annotations
 
+import logging
+
 from celery import Celery
 from kombu import Queue
 
@@ -21,6 +23,8 @@ ROUTES[ADVANCE_PIPELINE] = {"queue": "cpu"}
 
 def create_app() -> Celery:
     s = get_settings()
+    if s.resolved_broker_url.startswith(("redis://", "rediss://")) and s.redelivery_warning():
+        logging.getLogger("newslora.broker").warning(s.redelivery_warning())
     app = Celery("newslora", broker=s.resolved_broker_url, include=["workers.tasks"])
     app.conf.update(
         task_serializer="json",

@@ -31,12 +31,22 @@ class Settings(BaseSettings):
     # A running job renews its lease every heartbeat_s; a lease older than lease_s means its worker died.
     heartbeat_s: float = Field(default=5.0, alias="NEWSLORA_HEARTBEAT_S")
     lease_s: float = Field(default=30.0, alias="NEWSLORA_LEASE_S")
-    # Redis re-delivers an unacked message after this many seconds; the lease makes that safe.
-    visibility_timeout_s: int = Field(default=3600, alias="NEWSLORA_VISIBILITY_TIMEOUT_S")
+    # Redis re-delivers an unacked message after this many seconds; the lease makes that safe. Keep it
+    # above job_time_limit_s so a healthy long job is never delivered twice (see redelivery_warning).
+    visibility_timeout_s: int = Field(default=7 * 3600, alias="NEWSLORA_VISIBILITY_TIMEOUT_S")
     # Hard ceiling on any one job's run time; a job past it is failed with the reason.
     job_time_limit_s: int = Field(default=6 * 3600, alias="NEWSLORA_JOB_TIME_LIMIT_S")
     wait_retries: int = Field(default=30, alias="NEWSLORA_WAIT_RETRIES")
     max_body_bytes: int = Field(default=50 * 1024 * 1024, alias="NEWSLORA_MAX_BODY_BYTES")
+
+    def redelivery_warning(self) -> str | None:
+        """Why Redis could deliver a healthy running job a second time, or None when the settings agree."""
+        if self.visibility_timeout_s > self.job_time_limit_s:
+            return None
+        return (f"NEWSLORA_VISIBILITY_TIMEOUT_S ({self.visibility_timeout_s} s) is not above "
+                f"NEWSLORA_JOB_TIME_LIMIT_S ({self.job_time_limit_s} s): Redis will re-deliver a job that runs longer "
+                f"than the visibility timeout while it still runs (the job's lease drops the duplicate). Set the "
+                f"visibility timeout above the time limit, e.g. 25200 and 21600.")
 
     @property
     def embedded(self) -> bool:
