@@ -1,0 +1,295 @@
+"""LoRA training (workers/train): encoding, the shared-prefix forward, the loop, resume, bad input."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from workers.context import JobCancelled, LocalContext
+from workers.prompts import default_instruction, render_prompt
+from workers.specs.train import LoraSpec, TrainSpec
+from workers.train import (DatasetNotPrepared, TrainingDiverged, TrainOutOfMemory, UnknownTargetModules,
+                           train_adapter)
+from workers.train import peft_loop
+from workers.train.checkpoint import latest_checkpoint
+from workers.train.data import IGNORE, PromptEncoder, collate_scoring, collate_train
+
+LABELS = ["World", "Sports", "Business", "Sci/Tech"]
+
+
+def write_dataset(root: Path, ag_news_dir: Path, *, n_train: int = 48, n_val: int = 12,
+                  template: str = "alpaca") -> Path:
+    """A prepared dataset in prep's format, from the shared AG News train file."""
+    rows = [json.loads(line) for line in (ag_news_dir / "train.jsonl").read_text().splitlines()[:n_train + n_val]]
+    instruction = default_instruction(LABELS)
+    root.mkdir(parents=True, exist_ok=True)
+
+    def rec(i: int, r: dict) -> dict:
+        return {"id": f"ag-{i}", "instruction": instruction, "input": r["text"], "output": LABELS[r["label"]],
+                "label_id": r["label"]}
+
+    for name, part in (("train", rows[:n_train]), ("validation", rows[n_train:]), ("test", rows[n_train:])):
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(rec(i, r)) + "\n" for i, r in enumerate(part)))
+    (root / "meta.json").write_text(json.dumps({"label_names": LABELS, "template": template,
+                                                "instruction": instruction, "hash": f"fixture-{n_train}-{n_val}"}))
+    return root
+
+
+@pytest.fixture
+def dataset_dir(tmp_path, ag_news_dir) -> Path:
+    return write_dataset(tmp_path / "ds", ag_news_dir)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2_dir):
+    from workers.models import load_tokenizer
+    return load_tokenizer(smollm2_dir)
+
+
+def tiny_spec(model_dir: Path, **kw) -> TrainSpec:
+    base = dict(dataset_id=1, model=str(model_dir), dtype="fp32", batch_size=8, learning_rate=3e-3,
+                warmup_steps=2, max_steps=6, eval_every=100, save_every=100, val_samples=8, max_seq_len=128,
+                lora=LoraSpec(rank=4, alpha=8))
+    base.update(kw)
+    return TrainSpec(**base)
+
+
+def adapter_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    return load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
+
+
+# -- encoding ---------------------------------------------------------------------------------------
+
+def test_labels_are_ignored_on_the_prompt_and_kept_on_the_response(tokenizer):
+    instruction = default_instruction(LABELS)
+    enc = PromptEncoder(tokenizer, template="alpaca", instruction=instruction, label_names=LABELS, max_seq_len=256)
+    [ex] = enc.encode([{"id": "a", "input": "Stocks fell sharply on Wall Street.", "output": "Sci/Tech"}])
+    prompt = render_prompt(instruction, "Stocks fell sharply on Wall Street.")
+    assert ex.input_ids[:ex.prompt_len] == tokenizer(prompt)["input_ids"]
+    assert ex.labels[:ex.prompt_len] == [IGNORE] * ex.prompt_len
+    response = tokenizer(prompt + "Sci/Tech")["input_ids"][ex.prompt_len:] + [tokenizer.eos_token_id]
+    assert len(response) == 4  # Sci / / / Tech + EOS
+    assert ex.labels[ex.prompt_len:] == response == ex.input_ids[ex.prompt_len:]
+    [on_input] = enc.encode([{"id": "a", "input": "Stocks fell.", "output": "World"}], train_on_input=True)
+    assert on_input.labels == on_input.input_ids
+
+
+def test_truncation_cuts_the_article_never_the_template_or_label(tokenizer):
+    instruction = default_instruction(LABELS)
+    enc = PromptEncoder(tokenizer, template="alpaca", instruction=instruction, label_names=LABELS, max_seq_len=100)
+    long_text = "Markets " * 300
+    [ex] = enc.encode([{"id": "a", "input": long_text, "output": "Business"}])
+    assert ex.truncated
+    assert len(ex.input_ids) <= 100
+    text = tokenizer.decode(ex.input_ids)
+    assert text.endswith("\n\n### Response:\nBusiness" + tokenizer.eos_token)
+    assert text.startswith(render_prompt(instruction, "x")[:150]) and "### Input:\nMarkets Markets" in text
+    with pytest.raises(ValueError, match="raise max_seq_len"):
+        PromptEncoder(tokenizer, template="alpaca", instruction=instruction, label_names=LABELS, max_seq_len=60)
+
+
+# -- the shared-prefix forward equals the plain forward -------------------------------------------
+
+def _tiny_peft(tiny_model_dir: Path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    torch.manual_seed(1)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)  # a non-zero adapter, so the check covers it
+    return model.eval()
+
+
+@pytest.mark.parametrize("train_on_input", [False, True])
+def test_shared_prefix_loss_equals_full_sequence_loss(tiny_model_dir, tokenizer, ag_news_dir, train_on_input):
+    model = _tiny_peft(tiny_model_dir)
+    enc = PromptEncoder(tokenizer, template="alpaca", instruction=default_instruction(LABELS), label_names=LABELS,
+                        max_seq_len=128)
+    rows = [json.loads(x) for x in (ag_news_dir / "train.jsonl").read_text().splitlines()[:5]]
+    examples = enc.encode([{"id": i, "input": r["text"], "output": LABELS[r["label"]]} for i, r in enumerate(rows)],
+                          train_on_input=train_on_input)
+    batch = collate_train(examples, tokenizer.pad_token_id)
+    with torch.no_grad():
+        ours = peft_loop.batch_loss(model, batch) / batch.n_targets
+        # Reference: each full sequence on its own through the plain HF forward with labels.
+        total, count = 0.0, 0
+        for e in examples:
+            out = model(input_ids=torch.tensor([e.input_ids]), labels=torch.tensor([e.labels]))
+            n = sum(x != IGNORE for x in e.labels[1:])
+            total, count = total + out.loss.item() * n, count + n
+    assert batch.n_targets == count
+    assert ours.item() == pytest.approx(total / count, rel=1e-4)
+
+
+def test_label_scores_equal_full_sequence_log_likelihoods(tiny_model_dir, tokenizer, ag_news_dir):
+    model = _tiny_peft(tiny_model_dir)
+    enc = PromptEncoder(tokenizer, template="alpaca", instruction=default_instruction(LABELS), label_names=LABELS,
+                        max_seq_len=128)
+    rows = [json.loads(x) for x in (ag_news_dir / "train.jsonl").read_text().splitlines()[:4]]
+    examples = enc.encode([{"id": i, "input": r["text"], "output": LABELS[r["label"]]} for i, r in enumerate(rows)])
+    scores = peft_loop.score_labels(model, collate_scoring(examples, tokenizer.pad_token_id), enc.label_ids)
+    for b, e in enumerate(examples):
+        prompt = e.input_ids[:e.prompt_len]
+        for li, ids in enumerate(enc.label_ids):
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([prompt + ids])).logits[0].float()
+            logp = torch.log_softmax(logits, -1)
+            want = sum(logp[len(prompt) - 1 + j, t].item() for j, t in enumerate(ids))
+            assert scores[b, li].item() == pytest.approx(want, abs=1e-3)
+
+
+# -- the loop ---------------------------------------------------------------------------------------
+
+def test_loss_falls_and_the_adapter_loads_with_plain_peft(tiny_model_dir, dataset_dir, tmp_path):
+    out = tmp_path / "run"
+    ctx = LocalContext(work_dir=tmp_path)
+    result = train_adapter(tiny_spec(tiny_model_dir, max_steps=20, eval_every=10, learning_rate=3e-2), dataset_dir, out,
+                           ctx)
+    assert result["steps"] == 20 and result["resumed_from_step"] is None
+    losses = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()
+              if "loss" in json.loads(x)]
+    assert len(losses) == 20
+    # The tiny model's logits are bounded (hidden 64, tied 0.02-scale embeddings): ~1 nat is all it can gain.
+    assert sum(losses[-5:]) / 5 < sum(losses[:3]) / 3 - 0.3, losses
+    assert [h["step"] for h in result["history"]] == [10, 20]
+    assert result["history"][-1]["val_loss"] < result["history"][0]["val_loss"] * 1.05
+    assert 0 <= result["metrics"]["val_accuracy"] <= 1 and result["metrics"]["tokens_per_s"] > 0
+    assert any(e["metrics"].get("eta_s") is not None for e in ctx.events)
+
+    meta = json.loads((out / "adapter" / "newslora.json").read_text())
+    assert meta["template"] == "alpaca" and meta["label_names"] == LABELS
+    assert meta["base_model_digest"] == result["base_model_digest"] and meta["dataset_hash"] == "fixture-48-12"
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        before = base(input_ids=ids).logits
+        tuned = PeftModel.from_pretrained(base, result["adapter_dir"]).eval()
+        after = tuned(input_ids=ids).logits
+    assert (after - before).abs().max().item() > 1e-3
+
+
+def test_crash_and_resume_continues_from_the_checkpoint(tiny_model_dir, dataset_dir, tmp_path, monkeypatch):
+    spec = tiny_spec(tiny_model_dir, max_steps=8, save_every=3, lora=LoraSpec(rank=4, alpha=8, dropout=0.1))
+    straight = train_adapter(spec, dataset_dir, tmp_path / "straight", LocalContext(work_dir=tmp_path))
+
+    real_step = peft_loop.PeftLoraTrainer._train_step
+
+    def crashing_step(self):
+        if self.step == 4:
+            raise KeyboardInterrupt("simulated crash at step 5")
+        return real_step(self)
+
+    out = tmp_path / "crashy"
+    monkeypatch.setattr(peft_loop.PeftLoraTrainer, "_train_step", crashing_step)
+    with pytest.raises(KeyboardInterrupt):
+        train_adapter(spec, dataset_dir, out, LocalContext(work_dir=tmp_path))
+    monkeypatch.setattr(peft_loop.PeftLoraTrainer, "_train_step", real_step)
+    ckpt = latest_checkpoint(out)
+    assert ckpt.name == "step_000003" and not (out / "adapter").exists()
+    saved = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+
+    seen = {}
+    real_resume = peft_loop.PeftLoraTrainer._maybe_resume
+
+    def spy_resume(self):
+        real_resume(self)
+        seen["exp_avg"] = [self.optimizer.state[p]["exp_avg"].clone() for p in self.optimizer.param_groups[0]["params"]]
+        seen["lr"] = self.scheduler.get_last_lr()[0]
+
+    monkeypatch.setattr(peft_loop.PeftLoraTrainer, "_maybe_resume", spy_resume)
+    resumed = train_adapter(spec, dataset_dir, out, LocalContext(work_dir=tmp_path))
+    assert resumed["resumed_from_step"] == 3 and resumed["steps"] == 8
+    for i, got in enumerate(seen["exp_avg"]):
+        torch.testing.assert_close(got, saved["optimizer"]["state"][i]["exp_avg"])
+    assert seen["lr"] == pytest.approx(saved["scheduler"]["_last_lr"][0])
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(x)]
+    assert steps == list(range(1, 9))
+    a, b = adapter_tensors(straight["adapter_dir"]), adapter_tensors(resumed["adapter_dir"])
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+    assert resumed["metrics"]["train_loss"] == pytest.approx(straight["metrics"]["train_loss"], rel=1e-4)
+
+
+def test_cancel_saves_a_usable_checkpoint(tiny_model_dir, dataset_dir, tmp_path):
+    out = tmp_path / "run"
+    spec = tiny_spec(tiny_model_dir, max_steps=6, save_every=100)
+    with pytest.raises(JobCancelled):
+        train_adapter(spec, dataset_dir, out, LocalContext(work_dir=tmp_path, cancel_after_checks=4))
+    ckpt = latest_checkpoint(out)
+    assert ckpt is not None and ckpt.name == "step_000003" and not (out / "adapter").exists()
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    PeftModel.from_pretrained(base, ckpt)  # a checkpoint is itself a loadable adapter
+    result = train_adapter(spec, dataset_dir, out, LocalContext(work_dir=tmp_path))
+    assert result["resumed_from_step"] == 3 and result["steps"] == 6 and (out / "adapter" / "newslora.json").exists()
+    again = train_adapter(spec, dataset_dir, out, LocalContext(work_dir=tmp_path))  # finished: nothing to do
+    assert again["resumed_from_step"] == 6 and again["steps"] == 6
+
+
+def test_resume_refuses_a_checkpoint_from_other_settings(tiny_model_dir, dataset_dir, tmp_path):
+    from workers.train import IncompatibleCheckpoint
+    out = tmp_path / "run"
+    train_adapter(tiny_spec(tiny_model_dir, max_steps=2), dataset_dir, out, LocalContext(work_dir=tmp_path))
+    with pytest.raises(IncompatibleCheckpoint, match="batch_size"):
+        train_adapter(tiny_spec(tiny_model_dir, max_steps=2, batch_size=4), dataset_dir, out, LocalContext())
+
+
+# -- bad input --------------------------------------------------------------------------------------
+
+def test_bad_inputs_get_clear_errors(tiny_model_dir, dataset_dir, tmp_path):
+    from workers.models import ModelNotFound
+    ctx = LocalContext(work_dir=tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetNotPrepared, match="missing train.jsonl, validation.jsonl, meta.json.*prep job"):
+        train_adapter(tiny_spec(tiny_model_dir), tmp_path / "empty", tmp_path / "r1", ctx)
+    with pytest.raises(ModelNotFound, match="unknown model"):
+        train_adapter(tiny_spec("no-such-model"), dataset_dir, tmp_path / "r2", ctx)
+    with pytest.raises(ModelNotFound, match="not a Hugging Face checkpoint"):
+        train_adapter(tiny_spec(tmp_path / "empty"), dataset_dir, tmp_path / "r3", ctx)
+    with pytest.raises(UnknownTargetModules, match=r"\['qkv'\].*down_proj, gate_proj, k_proj, o_proj, q_proj"):
+        train_adapter(tiny_spec(tiny_model_dir, lora=LoraSpec(target_modules=["q_proj", "qkv"])), dataset_dir,
+                      tmp_path / "r4", ctx)
+    for run in ("r1", "r2", "r3", "r4"):
+        assert not (tmp_path / run / "adapter").exists()
+
+
+@pytest.mark.parametrize("failure, error, match", [
+    (lambda: torch.tensor(float("nan"), requires_grad=True), TrainingDiverged, "nan at step 1.*lower the learning rate"),
+    ("oom", TrainOutOfMemory, "out of memory at step 1.*lower batch_size"),
+])
+def test_a_failing_step_stops_with_advice_and_no_adapter(tiny_model_dir, dataset_dir, tmp_path, monkeypatch,
+                                                         failure, error, match):
+    def broken(model, batch):
+        if failure == "oom":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return failure()
+
+    monkeypatch.setattr(peft_loop, "batch_loss", broken)
+    with pytest.raises(error, match=match):
+        train_adapter(tiny_spec(tiny_model_dir), dataset_dir, tmp_path / "run", LocalContext(work_dir=tmp_path))
+    assert not (tmp_path / "run" / "adapter").exists()
+
+
+@pytest.mark.smollm2
+def test_a_few_steps_on_real_smollm2(smollm2_dir, ag_news_dir, tmp_path):
+    from workers.models import cpu_has_fast_bf16
+    ds = write_dataset(tmp_path / "ds", ag_news_dir, n_train=24, n_val=8)
+    spec = TrainSpec(dataset_id=1, model=str(smollm2_dir), batch_size=8, max_steps=3, warmup_steps=1, val_samples=8,
+                     learning_rate=2e-4)
+    result = train_adapter(spec, ds, tmp_path / "run", LocalContext(work_dir=tmp_path))
+    assert result["steps"] == 3
+    assert result["metrics"]["dtype"] == ("bfloat16" if cpu_has_fast_bf16() else "float32")
+    assert 0.0 < result["metrics"]["train_loss"] < 5.0  # an instruct model already half-knows the task
+    assert result["metrics"]["val_accuracy"] >= 0.25
