@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from workers.context import JobCancelled, LocalContext
-from workers.prompts import default_instruction, render_prompt
+from workers.prompts import default_instruction
 from workers.specs.train import LoraSpec, TrainSpec
 from workers.train import torchtune_backend as tb
 
@@ -52,12 +52,6 @@ NEWS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tokenizer(smollm2_dir):
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(smollm2_dir)
-
-
 # ---------------------------------------------------------------------------------------------
 # No torchtune needed
 
@@ -78,7 +72,9 @@ def test_python_override_wins(monkeypatch):
 
 
 def test_lora_modules_map_to_torchtune_names():
-    assert tb.lora_modules(LoraSpec()) == (["q_proj", "k_proj", "v_proj", "output_proj"], False)
+    attn = ["q_proj", "k_proj", "v_proj", "output_proj"]
+    assert tb.lora_modules(LoraSpec(target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])) == (attn, False)
+    assert tb.lora_modules(LoraSpec(target_modules=["all-linear"])) == (attn, True)
     assert tb.lora_modules(LoraSpec(target_modules=["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"])) \
         == (["q_proj", "v_proj"], True)
     with pytest.raises(ValueError, match="together"):
@@ -111,45 +107,20 @@ def test_builder_refuses_what_it_cannot_reproduce(tmp_path, smollm2_dir):
             tb.model_builder_args(d)
 
 
-def test_encode_masks_prompt_and_ends_with_eos(tokenizer):
-    rec = {"instruction": INSTRUCTION, "input": NEWS[0][0], "output": "Business"}
-    enc = tb.encode_example(tokenizer, rec, instruction="", template="alpaca", max_seq_len=256,
-                            train_on_input=False)
-    prompt = render_prompt(INSTRUCTION, NEWS[0][0], template="alpaca")
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    answer = tokenizer("Business", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    assert enc.tokens == prompt_ids + answer
-    assert enc.labels == [tb.IGNORE_INDEX] * len(prompt_ids) + answer
-    on_input = tb.encode_example(tokenizer, rec, instruction="", template="alpaca", max_seq_len=256,
-                                 train_on_input=True)
-    assert on_input.labels == on_input.tokens
-
-
-def test_encode_cuts_the_input_never_the_label(tokenizer):
-    long_text = " ".join(["markets"] * 400)
-    rec = {"input": long_text, "output": "Sci/Tech"}
-    enc = tb.encode_example(tokenizer, rec, instruction=INSTRUCTION, template="alpaca", max_seq_len=96,
-                            train_on_input=False)
-    answer = tokenizer("Sci/Tech", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    assert len(enc.tokens) <= 96
-    assert enc.tokens[-len(answer):] == answer and enc.labels[-len(answer):] == answer
-    text = tokenizer.decode(enc.tokens)
-    assert text.startswith("Below is an instruction") and "### Response:\n" in text and "markets" in text
-    with pytest.raises(ValueError, match="max_seq_len"):
-        tb.encode_example(tokenizer, rec, instruction=INSTRUCTION, template="alpaca", max_seq_len=20,
-                          train_on_input=False)
-
-
-def test_plan_steps_and_order():
+def test_plan_steps_counts_as_the_peft_loop():
     spec = TrainSpec(dataset_id=1, batch_size=4, grad_accum=2, epochs=1.5)
-    assert tb.plan_steps(spec, 40) == 7  # floor(1.5 * 40 / 8)
+    assert tb.plan_steps(spec, 40) == 8  # ceil(1.5 * ceil(40 / 4) / 2)
+    assert tb.plan_steps(spec, 3) == 1
     assert tb.plan_steps(spec.model_copy(update={"max_steps": 3}), 40) == 3
-    with pytest.raises(ValueError, match="fewer than one optimizer step"):
-        tb.plan_steps(spec, 5)
-    order = tb.sample_order(5, 12, seed=1)
-    assert len(order) == 12
-    assert sorted(order[:5]) == sorted(order[5:10]) == list(range(5))  # each pass sees every record once
-    assert order == tb.sample_order(5, 12, seed=1) != tb.sample_order(5, 12, seed=2)
+
+
+def test_sample_order_is_full_bucketed_batches_each_pass():
+    lengths = [10, 50, 12, 48, 11, 49, 30]
+    order = tb.sample_order(lengths, 14, batch_size=3, seed=1)
+    assert len(order) == 14
+    assert sorted(order[:7]) == sorted(order[7:14]) == list(range(7))  # each pass sees every example once
+    assert order == tb.sample_order(lengths, 14, batch_size=3, seed=1)
+    assert order != tb.sample_order(lengths, 14, batch_size=3, seed=2)
 
 
 def test_fp16_is_refused_and_auto_follows_the_cpu(monkeypatch):
@@ -161,13 +132,22 @@ def test_fp16_is_refused_and_auto_follows_the_cpu(monkeypatch):
     assert tb.recipe_dtype(TrainSpec(dataset_id=1), "cuda:0") == "bf16"
 
 
-def test_bad_dataset_folder_is_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="meta.json is missing"):
-        tb.read_prepared_dataset(tmp_path)
-    d = write_dataset(tmp_path / "ds", NEWS)
-    (d / "train.jsonl").write_text(json.dumps({"id": "x", "input": "no output"}) + "\n")
-    with pytest.raises(ValueError, match=r"train.jsonl:1 lacks \['output'\]"):
-        tb.read_prepared_dataset(d)
+def test_bad_dataset_folder_is_named(tmp_path, monkeypatch):
+    from workers.train.data import DatasetNotPrepared
+    monkeypatch.setenv("NEWSLORA_TORCHTUNE_PYTHON", sys.executable)
+    spec = TrainSpec(dataset_id=1, backend="torchtune")
+    with pytest.raises(DatasetNotPrepared, match="meta.json"):
+        tb.train_torchtune(spec, tmp_path, tmp_path / "out", LocalContext(work_dir=tmp_path))
+
+
+def test_bad_target_modules_fail_before_training(tmp_path, monkeypatch, tiny_model_dir):
+    monkeypatch.setenv("NEWSLORA_TORCHTUNE_PYTHON", sys.executable)
+    spec = TrainSpec(dataset_id=1, backend="torchtune", model=str(tiny_model_dir),
+                     lora=LoraSpec(target_modules=["q_proj", "up_proj"]))
+    with pytest.raises(ValueError, match="together"):
+        tb.train_torchtune(spec, write_dataset(tmp_path / "ds", NEWS, val=NEWS[:1]), tmp_path / "out",
+                           LocalContext(work_dir=tmp_path))
+    assert not (tmp_path / "out" / "torchtune").exists()
 
 
 def _fake_python(tmp_path: Path, body: str) -> Path:
@@ -254,19 +234,43 @@ def trained(tiny_tt_model, tmp_path_factory):
 @pytest.mark.torchtune
 @needs_env
 def test_recipe_trains_and_loss_falls(trained):
-    spec, result, ctx, _ = trained
-    assert result["steps"] == 8 and [h["step"] for h in result["history"]] == list(range(1, 9))
-    losses = [h["loss"] for h in result["history"]]
+    spec, result, ctx, out = trained
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    step_rows, eval_rows = [r for r in rows if "loss" in r], [r for r in rows if r.get("type") == "eval"]
+    assert result["steps"] == 8 and [r["step"] for r in step_rows] == list(range(1, 9))
+    losses = [r["loss"] for r in step_rows]
     # The same 4 records every step (dropout 0), so the curve is deterministic: the loss must fall well
     # below its start (about 11.2 for this model; a run that applies no update stays there).
     assert 10.0 < losses[0] < 12.5
     assert losses[-1] < losses[0] - 1.0
-    assert result["metrics"]["train_loss"] == losses[-1]
-    assert result["metrics"]["tokens_per_s"] > 0
-    assert result["resumed_from_step"] is None
+    m = result["metrics"]
+    assert m["train_loss"] == pytest.approx(sum(losses) / 8, abs=1e-4)  # mean of the last (up to) 10 steps
+    assert m["tokens_per_s"] > 0 and m["dtype"] == "fp32" and m["device"] == "cpu"
+    # The adapter, scored on the validation record after training, as the PEFT loop scores it.
+    assert result["history"] == [{k: v for k, v in eval_rows[0].items() if k != "type"}]
+    assert len(eval_rows) == 1 and eval_rows[0]["val_items"] == 1
+    assert m["val_loss"] == eval_rows[0]["val_loss"] and 0 < m["val_loss"] < losses[0]
+    assert m["val_accuracy"] in (0.0, 1.0)
+    assert result["resumed_from_step"] is None and result["backend"] == "torchtune"
     assert [e["metrics"]["done"] for e in ctx.events if e["message"] == "train"] == list(range(1, 9))
+    assert m["tokens"] == sum(r["tokens"] for r in step_rows) > 0
     assert result["label_names"] == LABELS and result["template"] == "alpaca"
     assert result["instruction"] == INSTRUCTION and result["dataset_hash"] == "fixture-hash"
+
+
+@pytest.mark.torchtune
+@needs_env
+def test_recipe_sees_the_peft_loops_tokens(trained, tiny_tt_model):
+    from workers.models import load_tokenizer
+    from workers.train.data import PromptEncoder, load_prepared
+    spec, _, _, out = trained
+    data = load_prepared(out.parent / "ds")
+    encoder = PromptEncoder(load_tokenizer(tiny_tt_model), template="alpaca", instruction=INSTRUCTION,
+                            label_names=LABELS, max_seq_len=spec.max_seq_len)
+    expected = {tuple(e.input_ids): e.labels for e in encoder.encode(data.train)}
+    rows = [json.loads(line) for line in (out / "torchtune" / "train_tokens.jsonl").read_text().splitlines()]
+    assert len(rows) == 8 * 4  # steps x batch
+    assert all(expected[tuple(r["tokens"])] == r["labels"] for r in rows)
 
 
 @pytest.mark.torchtune

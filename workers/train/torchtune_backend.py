@@ -7,13 +7,17 @@ torchtune 0.6.1 (its last release) needs torchao <= 0.13, which PEFT 0.21 refuse
 in its own environment (`bash scripts/setup_torchtune_env.sh` -> `.venv-torchtune`) and the recipe runs
 there as a subprocess. This module stays in the main venv and does everything around the recipe:
 
-1. tokenises the prepared dataset with the model's HF tokenizer and the same prompt text as the PEFT
-   loop (`workers.prompts.render_prompt`), and writes it as token ids in the exact order of training;
+1. tokenises the prepared dataset exactly as the PEFT loop does (`workers.train.data.PromptEncoder`:
+   the model's HF tokenizer, the dataset's template, the article cut to fit, never the label) and
+   writes the token ids in the exact order of training;
 2. writes the recipe's YAML config (model builder derived from the checkpoint's config.json);
 3. runs `workers/train/torchtune_entry.py` with the isolated python, turning its metric lines into
    progress events and terminating it on cancel;
 4. turns torchtune's PEFT-format adapter into an adapter folder that loads with plain
-   `peft.PeftModel.from_pretrained(base, out_dir / "adapter")`, plus `newslora.json`.
+   `peft.PeftModel.from_pretrained(base, out_dir / "adapter")`, plus `newslora.json`, and scores the
+   validation records with it exactly as the PEFT loop does (val loss and label accuracy).
+
+It does not resume: torchtune 0.6 checkpoints only at epoch ends, so a re-delivered job starts over.
 
 Everything torchtune-specific lives here and in `torchtune_entry.py`: dropping the backend means
 deleting these two files and the setup script.
@@ -24,32 +28,30 @@ import json
 import math
 import os
 import queue
-import random
 import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from workers.context import JobCancelled, JobContext
+from workers.context import JobContext
 from workers.models import cpu_has_fast_bf16, model_digest, pick_device, resolve_model
-from workers.prompts import render_prompt
 from workers.specs.train import LoraSpec, TrainSpec
+from workers.train.data import Example, PromptEncoder, length_bucketed_batches, load_prepared
 
 REPO = Path(__file__).resolve().parents[2]
 ENTRY = Path(__file__).resolve().with_name("torchtune_entry.py")
 DEFAULT_VENV = REPO / ".venv-torchtune"
 TORCHTUNE_VERSION = "0.6.1"
 METRIC_PREFIX = "NEWSLORA_METRIC "  # the line prefix torchtune_entry.StdoutMetricLogger prints
-IGNORE_INDEX = -100  # torchtune's CrossEntropy ignore index, as in the PEFT loop
 TERMINATE_GRACE_S = 10.0
+ADAPTER_META = "newslora.json"  # as workers.train.peft_loop.ADAPTER_META
+METRICS_FILE = "metrics.jsonl"  # as workers.train.peft_loop.METRICS_FILE
 
 # HF (PEFT) module names -> torchtune's names in `lora_llama3_2`.
 _ATTN_TO_TUNE = {"q_proj": "q_proj", "k_proj": "k_proj", "v_proj": "v_proj", "o_proj": "output_proj",
@@ -64,12 +66,6 @@ class TorchtuneEnvMissing(RuntimeError):
 
 class TorchtuneRunFailed(RuntimeError):
     """The recipe subprocess exited with an error."""
-
-
-@dataclass(frozen=True)
-class Encoded:
-    tokens: list[int]
-    labels: list[int]  # aligned with tokens; IGNORE_INDEX where no loss is taken
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,108 +101,26 @@ def torchtune_python() -> Path:
 # Data
 
 
-def read_prepared_dataset(dataset_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
-    """(meta, train records, validation records) of a prepared-dataset folder.
-
-    Raises:
-        FileNotFoundError: meta.json or train.jsonl is missing.
-        ValueError: a record lacks a field training needs.
-    """
-    dataset_dir = Path(dataset_dir)
-    for name in ("meta.json", "train.jsonl"):
-        if not (dataset_dir / name).is_file():
-            raise FileNotFoundError(
-                f"{dataset_dir} is not a prepared dataset: {name} is missing (run a prep job first)")
-    meta = json.loads((dataset_dir / "meta.json").read_text())
-    for key in ("label_names", "template"):
-        if key not in meta:
-            raise ValueError(f"{dataset_dir / 'meta.json'} lacks {key!r}: re-run the prep job")
-
-    def read(name: str) -> list[dict[str, Any]]:
-        path = dataset_dir / name
-        if not path.is_file():
-            return []
-        rows = []
-        with path.open(encoding="utf-8") as fh:
-            for n, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                row = json.loads(line)
-                missing = {"input", "output"} - row.keys()
-                if missing:
-                    raise ValueError(f"{path}:{n} lacks {sorted(missing)}: re-run the prep job")
-                rows.append(row)
-        return rows
-
-    train = read("train.jsonl")
-    if not train:
-        raise ValueError(f"{dataset_dir / 'train.jsonl'} holds no records")
-    return meta, train, read("validation.jsonl")
-
-
-def encode_example(tokenizer: Any, record: dict[str, Any], *, instruction: str, template: str,
-                   max_seq_len: int, train_on_input: bool) -> Encoded:
-    """Prompt + response token ids, with loss on the response (and the prompt if train_on_input).
-
-    The prompt is `render_prompt(record instruction or the dataset's, record input)`; the response is the
-    record's output followed by EOS. Where the pair is longer than max_seq_len, the input text is cut
-    (never the label, never the prompt's header or its "Response" tail).
-
-    Raises:
-        ValueError: the response alone does not fit in max_seq_len.
-    """
-    instruction = record.get("instruction") or instruction
-    response = tokenizer(record["output"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    text = record["input"]
-    prompt_ids = _prompt_ids(tokenizer, instruction, text, template)
-    if len(prompt_ids) + len(response) > max_seq_len:
-        room = max_seq_len - len(response)
-        input_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        fixed = len(prompt_ids) - len(input_ids)  # header + tail, roughly
-        keep = max(0, room - fixed)
-        while True:
-            text = tokenizer.decode(input_ids[:keep])
-            prompt_ids = _prompt_ids(tokenizer, instruction, text, template)
-            if len(prompt_ids) <= room or keep == 0:
-                break
-            keep = max(0, keep - (len(prompt_ids) - room))
-        if len(prompt_ids) > room:
-            raise ValueError(
-                f"max_seq_len={max_seq_len} is too short for the prompt's fixed text and the response "
-                f"({len(prompt_ids)} + {len(response)} tokens with no input): raise max_seq_len")
-    labels = (list(prompt_ids) if train_on_input else [IGNORE_INDEX] * len(prompt_ids)) + response
-    return Encoded(tokens=list(prompt_ids) + response, labels=labels)
-
-
-def _prompt_ids(tokenizer: Any, instruction: str, text: str, template: str) -> list[int]:
-    prompt = render_prompt(instruction, text, template=template, tokenizer=tokenizer)
-    return tokenizer(prompt, add_special_tokens=False)["input_ids"]
-
-
-def plan_steps(spec: TrainSpec, n_records: int) -> int:
-    """Optimizer steps to run: spec.max_steps, else spec.epochs over the records (at least 1).
-
-    Raises:
-        ValueError: fewer records than one optimizer step consumes.
-    """
-    per_step = spec.batch_size * spec.grad_accum
+def plan_steps(spec: TrainSpec, n_examples: int) -> int:
+    """Optimizer steps to run, counted as the PEFT loop counts them: spec.max_steps, else spec.epochs
+    passes of ceil(n / batch_size) micro-batches, grad_accum to a step (at least 1)."""
     if spec.max_steps is not None:
         return spec.max_steps
-    if n_records < per_step:
-        raise ValueError(
-            f"{n_records} training records are fewer than one optimizer step takes (batch_size "
-            f"{spec.batch_size} x grad_accum {spec.grad_accum}): lower them or set max_steps")
-    return max(1, math.floor(spec.epochs * n_records / per_step))
+    micro_per_epoch = math.ceil(n_examples / spec.batch_size)
+    return max(1, math.ceil(spec.epochs * micro_per_epoch / spec.grad_accum))
 
 
-def sample_order(n_records: int, n_samples: int, seed: int) -> list[int]:
-    """Record indices in training order: a fresh seeded shuffle for each pass over the records."""
-    rng = random.Random(seed)
+def sample_order(lengths: list[int], n_samples: int, *, batch_size: int, seed: int) -> list[int]:
+    """Example indices in training order, `batch_size` at a time: each pass over the examples is the PEFT
+    loop's seeded, length-bucketed batch order, its part-filled batches pooled at the pass's end (torchtune
+    drops a last part-filled batch, so every batch here is full)."""
     order: list[int] = []
+    epoch = 0
     while len(order) < n_samples:
-        perm = list(range(n_records))
-        rng.shuffle(perm)
-        order.extend(perm)
+        batches = length_bucketed_batches(lengths, batch_size, seed=seed, epoch=epoch)
+        order += [i for b in batches if len(b) == batch_size for i in b]
+        order += [i for b in batches if len(b) != batch_size for i in b]
+        epoch += 1
     return order[:n_samples]
 
 
@@ -221,8 +135,11 @@ def lora_modules(lora: LoraSpec) -> tuple[list[str], bool]:
         ValueError: a module torchtune's Llama builder cannot put LoRA on, or only part of the MLP
             (torchtune adapts its three MLP projections together or not at all).
     """
+    names = lora.target_modules
+    if names == ["all-linear"]:
+        names = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     attn, mlp, unknown = [], set(), []
-    for name in lora.target_modules:
+    for name in names:
         if name in _ATTN_TO_TUNE:
             if _ATTN_TO_TUNE[name] not in attn:
                 attn.append(_ATTN_TO_TUNE[name])
@@ -233,7 +150,7 @@ def lora_modules(lora: LoraSpec) -> tuple[list[str], bool]:
     if unknown:
         raise ValueError(
             f"lora.target_modules {unknown} are not modules the torchtune backend can adapt: use q_proj, "
-            f"k_proj, v_proj, o_proj and (all three together) gate_proj, up_proj, down_proj")
+            f"k_proj, v_proj, o_proj and (all three together) gate_proj, up_proj, down_proj, or ['all-linear']")
     if mlp and mlp not in (_MLP_HF, _MLP_TUNE):
         raise ValueError(
             f"lora.target_modules names only {sorted(mlp)} of the MLP: torchtune adapts gate_proj, up_proj "
@@ -419,9 +336,11 @@ def run_recipe(python: Path, config_path: Path, ctx: JobContext, *, total_steps:
 
 def _history_row(raw: dict[str, Any], history: list[dict[str, Any]], step_tokens: list[int]) -> dict[str, Any]:
     step = int(raw["step"])
-    row: dict[str, Any] = {"step": step, "loss": raw["loss"], "lr": raw["lr"], "time": raw.get("time")}
-    if history and row["time"] is not None and history[-1]["time"] is not None and step - 1 < len(step_tokens):
-        row["tokens_per_s"] = step_tokens[step - 1] / max(row["time"] - history[-1]["time"], 1e-9)
+    tokens = step_tokens[step - 1] if 0 < step <= len(step_tokens) else None
+    row: dict[str, Any] = {"step": step, "loss": raw["loss"], "lr": raw["lr"], "tokens": tokens,
+                           "time": raw.get("time")}
+    if history and tokens and row["time"] is not None and history[-1]["time"] is not None:
+        row["tokens_per_s"] = tokens / max(row["time"] - history[-1]["time"], 1e-9)
     return row
 
 
@@ -448,13 +367,14 @@ def _terminate(proc: subprocess.Popen) -> None:
 
 
 def export_peft_adapter(torchtune_epoch_dir: Path, adapter_dir: Path, *, lora: LoraSpec,
-                        base_model_path: Path) -> Path:
+                        base_model_path: Path, adapter_meta: dict[str, Any]) -> Path:
     """Turn torchtune's PEFT-format adapter output into a PEFT adapter folder.
 
     torchtune's HF checkpointer already writes `adapter_model.safetensors` with PEFT key names
     (`base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight`) and with lora_B of q/k
     permuted back from torchtune's interleaved RoPE layout. Its `adapter_config.json` lacks task type
-    and dropout, so a full LoraConfig is written instead.
+    and dropout, so a full LoraConfig is written instead. `adapter_meta` goes to newslora.json. The folder
+    is built aside and renamed into place, so a reader never sees half an adapter.
 
     Raises:
         TorchtuneRunFailed: torchtune wrote no adapter.
@@ -468,11 +388,21 @@ def export_peft_adapter(torchtune_epoch_dir: Path, adapter_dir: Path, *, lora: L
         raise TorchtuneRunFailed(f"torchtune wrote no adapter_model.safetensors under {torchtune_epoch_dir}")
     weights = {k: v.to(torch.float32).contiguous() for k, v in load_file(src).items()}
     hf_modules = sorted({k.split(".")[-3] for k in weights})  # ...q_proj.lora_A.weight -> q_proj
-    adapter_dir.mkdir(parents=True, exist_ok=True)
-    save_file(weights, adapter_dir / "adapter_model.safetensors", metadata={"format": "pt"})
-    LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=hf_modules,
-               bias="none", task_type="CAUSAL_LM",
-               base_model_name_or_path=str(base_model_path)).save_pretrained(adapter_dir)
+    tmp = adapter_dir.with_name(f".{adapter_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        save_file(weights, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
+        LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=hf_modules,
+                   bias="none", task_type="CAUSAL_LM",
+                   base_model_name_or_path=str(base_model_path)).save_pretrained(tmp)
+        (tmp / ADAPTER_META).write_text(json.dumps(adapter_meta, indent=2))
+        if adapter_dir.exists():
+            shutil.rmtree(adapter_dir)
+        tmp.rename(adapter_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return adapter_dir
 
 
@@ -485,35 +415,36 @@ def train_torchtune(spec: TrainSpec, dataset_dir: Path, out_dir: Path, ctx: JobC
     """LoRA-fine-tune spec.model on a prepared dataset with torchtune's single-device recipe.
 
     Args:
-        spec: the training spec (backend "torchtune").
+        spec: the training spec (backend "torchtune"). eval_every, save_every and
+            early_stopping_patience do not apply: the recipe runs to its end, then the adapter is scored
+            once on the validation records.
         dataset_dir: a prepared dataset (meta.json, train.jsonl, validation.jsonl).
-        out_dir: the job's output folder; the adapter goes to out_dir/adapter, torchtune's run to
-            out_dir/torchtune (its config, token file and log are kept; its checkpoints are not,
-            unless keep_merged).
+        out_dir: the run's folder: `adapter/` (PEFT adapter + newslora.json), `metrics.jsonl` (one row
+            per optimizer step, then the eval row, as the PEFT loop writes it) and `torchtune/` (the
+            recipe's config, token file and log; its checkpoints only with keep_merged).
         ctx: progress, events, cancellation.
-        keep_merged: also keep torchtune's own merged full checkpoint under out_dir/torchtune/epoch_0
-            (for checking the exported adapter against it).
+        keep_merged: keep torchtune's own merged full checkpoint under out_dir/torchtune/epoch_0 (for
+            checking the exported adapter against it).
 
     Returns:
-        {"adapter_dir", "base_model", "base_model_digest", "template", "instruction", "label_names",
-         "dataset_hash", "steps", "metrics", "history", "resumed_from_step"}.
+        The PEFT loop's result shape: {"adapter_dir", "base_model", "base_model_digest", "template",
+        "instruction", "label_names", "dataset_hash", "steps", "total_steps", "metrics": {train_loss,
+        val_loss, val_accuracy, tokens_per_s, ...}, "history": [the eval row], "resumed_from_step": None,
+        "backend": "torchtune"}.
 
     Raises:
         TorchtuneEnvMissing: the isolated environment has not been created.
         JobCancelled: cancelled while training (the subprocess has been terminated).
-        TorchtuneRunFailed: the recipe failed.
-        ValueError / FileNotFoundError: bad dataset, model or spec, saying what to change.
+        TorchtuneRunFailed: the recipe failed (the message holds its log's last lines).
+        DatasetNotPrepared, ModelNotFound, ValueError: bad dataset, model or spec, saying what to change.
     """
     from workers.models import load_tokenizer
 
     python = torchtune_python()
     dataset_dir, out_dir = Path(dataset_dir), Path(out_dir)
-    meta, records, _validation = read_prepared_dataset(dataset_dir)
-    label_names = list(meta["label_names"])
-    template = meta["template"]
-    instruction = meta.get("instruction") or ""
-    if spec.max_train_samples is not None:
-        records = records[: spec.max_train_samples]
+    started = time.perf_counter()
+    data = load_prepared(dataset_dir)
+    meta = data.meta
     model_dir = resolve_model(spec.model)
     device = pick_device(spec.device)
     dtype = recipe_dtype(spec, device)
@@ -523,21 +454,25 @@ def train_torchtune(spec: TrainSpec, dataset_dir: Path, out_dir: Path, ctx: JobC
     if run_dir.exists():  # a re-delivered job starts the recipe over: it cannot resume mid-epoch
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
+    (out_dir / METRICS_FILE).unlink(missing_ok=True)
     ctx.check_cancel()
 
     tokenizer = load_tokenizer(model_dir)
-    encoded = [encode_example(tokenizer, r, instruction=instruction, template=template,
-                              max_seq_len=spec.max_seq_len, train_on_input=spec.train_on_input)
-               for r in records]
-    total_steps = plan_steps(spec, len(encoded))
+    encoder = PromptEncoder(tokenizer, template=meta["template"], instruction=meta["instruction"],
+                            label_names=meta["label_names"], max_seq_len=spec.max_seq_len)
+    examples = encoder.encode(data.train[:spec.max_train_samples], train_on_input=spec.train_on_input)
+    val_examples = encoder.encode(data.validation[:spec.val_samples])
+    cut = sum(e.truncated for e in examples)
+    if cut:
+        ctx.event(f"train: {cut} of {len(examples)} articles cut to fit max_seq_len {spec.max_seq_len} "
+                  f"(the label and template are kept)", metrics={"split": "train", "truncated": cut})
+    total_steps = plan_steps(spec, len(examples))
     per_step = spec.batch_size * spec.grad_accum
-    order = sample_order(len(encoded), total_steps * per_step, spec.seed)
-    tokens_path = run_dir / "train_tokens.jsonl"
-    with tokens_path.open("w", encoding="utf-8") as fh:
-        for i in order:
-            fh.write(json.dumps({"tokens": encoded[i].tokens, "labels": encoded[i].labels}) + "\n")
-    # Input tokens (padding excluded) each optimizer step consumes: the throughput figure's numerator.
-    step_tokens = [sum(len(encoded[i].tokens) for i in order[s * per_step:(s + 1) * per_step])
+    order = sample_order([len(e.input_ids) for e in examples], total_steps * per_step,
+                         batch_size=spec.batch_size, seed=spec.seed)
+    tokens_path = write_token_file(run_dir / "train_tokens.jsonl", examples, order)
+    # Real tokens each optimizer step consumes (padding excluded), as the PEFT loop counts them.
+    step_tokens = [sum(len(examples[i].input_ids) for i in order[s * per_step:(s + 1) * per_step])
                    for s in range(total_steps)]
 
     config = recipe_config(spec, model_dir=model_dir, run_dir=run_dir, tokens_path=tokens_path,
@@ -546,62 +481,257 @@ def train_torchtune(spec: TrainSpec, dataset_dir: Path, out_dir: Path, ctx: JobC
     config_path = run_dir / "torchtune.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     ctx.event("torchtune: starting lora_finetune_single_device",
-              metrics={"steps": total_steps, "examples": len(encoded), "device": device, "dtype": dtype})
+              metrics={"steps": total_steps, "examples": len(examples), "device": device, "dtype": dtype})
 
     t0 = time.perf_counter()
-    history = run_recipe(python, config_path, ctx, total_steps=total_steps, step_tokens=step_tokens,
-                         log_path=run_dir / "recipe.log")
-    train_seconds = time.perf_counter() - t0
-    if len(history) != total_steps:
-        raise TorchtuneRunFailed(f"torchtune logged {len(history)} optimizer steps, {total_steps} were planned; "
+    steps = run_recipe(python, config_path, ctx, total_steps=total_steps, step_tokens=step_tokens,
+                       log_path=run_dir / "recipe.log")
+    recipe_seconds = time.perf_counter() - t0
+    if len(steps) != total_steps:
+        raise TorchtuneRunFailed(f"torchtune logged {len(steps)} optimizer steps, {total_steps} were planned; "
                                  f"see {run_dir / 'recipe.log'}")
+    _append_metrics(out_dir, [_metrics_row(r) for r in steps])
 
-    adapter_dir = export_peft_adapter(run_dir / "epoch_0", out_dir / "adapter", lora=spec.lora,
-                                      base_model_path=model_dir)
     digest = model_digest(model_dir)
-    dataset_hash = meta.get("hash")
-    (adapter_dir / "newslora.json").write_text(json.dumps({
-        "backend": "torchtune",
+    adapter_meta = {
+        "template": meta["template"], "instruction": meta["instruction"], "label_names": meta["label_names"],
+        "base_model": spec.model, "base_model_path": str(model_dir), "base_model_digest": digest,
+        "dataset_hash": meta["hash"], "steps": total_steps, "max_seq_len": spec.max_seq_len,
+        "spec": spec.model_dump(mode="json"), "code_version": _code_version(), "backend": "torchtune",
         "torchtune_version": TORCHTUNE_VERSION,
-        "template": template,
-        "instruction": instruction,
-        "label_names": label_names,
-        "base_model": spec.model,
-        "base_model_path": str(model_dir),
-        "base_model_digest": digest,
-        "dataset_hash": dataset_hash,
-        "steps": total_steps,
-        "spec": spec.model_dump(mode="json"),
-        "created": datetime.now(timezone.utc).isoformat(),
-    }, indent=2))
+    }
+    adapter_dir = export_peft_adapter(run_dir / "epoch_0", out_dir / "adapter", lora=spec.lora,
+                                      base_model_path=model_dir, adapter_meta=adapter_meta)
     if not keep_merged:
         for d in run_dir.glob("epoch_*"):
             shutil.rmtree(d)
 
-    metrics = _metrics(history, train_seconds, n_examples=len(encoded))
+    ctx.check_cancel()
+    history: list[dict[str, Any]] = []
+    if val_examples:
+        row = validate_adapter(model_dir, adapter_dir, val_examples, encoder, spec=spec, device=device,
+                               pad_id=tokenizer.pad_token_id, step=total_steps)
+        history.append(row)
+        _append_metrics(out_dir, [{"type": "eval", **row}])
+        ctx.event(f"eval at step {total_steps}: val_loss {row['val_loss']:.4f}, val_accuracy "
+                  f"{row['val_accuracy']:.3f}", metrics=row)
+
+    metrics = _metrics(steps, history, recipe_seconds=recipe_seconds, wall_s=time.perf_counter() - started,
+                       n_examples=len(examples), epochs=total_steps * per_step / max(1, len(examples)),
+                       dtype=dtype, device=device)
     ctx.event("torchtune: done", metrics=metrics)
     return {
         "adapter_dir": str(adapter_dir),
         "base_model": spec.model,
         "base_model_digest": digest,
-        "template": template,
-        "instruction": instruction,
-        "label_names": label_names,
-        "dataset_hash": dataset_hash,
+        "template": meta["template"],
+        "instruction": meta["instruction"],
+        "label_names": list(meta["label_names"]),
+        "dataset_hash": meta["hash"],
         "steps": total_steps,
+        "total_steps": total_steps,
         "metrics": metrics,
-        "history": [{k: v for k, v in row.items() if k != "time"} for row in history],
+        "history": history,
         "resumed_from_step": None,
+        "backend": "torchtune",
     }
 
 
-def _metrics(history: list[dict[str, Any]], train_seconds: float, *, n_examples: int) -> dict[str, Any]:
-    rates = [row["tokens_per_s"] for row in history if row.get("tokens_per_s")]
+def write_token_file(path: Path, examples: list[Example], order: list[int]) -> Path:
+    """The recipe's dataset: one {"tokens", "labels"} line per sample, in training order."""
+    with path.open("w", encoding="utf-8") as fh:
+        for i in order:
+            fh.write(json.dumps({"tokens": examples[i].input_ids, "labels": examples[i].labels}) + "\n")
+    return path
+
+
+def validate_adapter(model_dir: Path, adapter_dir: Path, examples: list[Example], encoder: PromptEncoder, *,
+                     spec: TrainSpec, device: str, pad_id: int, step: int, batch_size: int = 16) -> dict[str, Any]:
+    """Score the validation examples with the exported adapter loaded by plain PEFT, as the PEFT loop
+    scores them: mean loss per target token and label-scoring accuracy.
+
+    Returns:
+        {"step", "val_loss", "val_accuracy", "val_items", "eval_s"}
+    """
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from workers.models import pick_dtype
+    from workers.train.data import collate_scoring, collate_train
+    from workers.train.peft_loop import batch_loss, score_labels
+
+    started = time.perf_counter()
+    dtype = pick_dtype(spec.dtype if spec.dtype != "fp16" else "auto", device)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    model = PeftModel.from_pretrained(base, adapter_dir).to(device).eval()
+    loss_sum, n_targets, correct = 0.0, 0, 0
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    with torch.no_grad(), torch.autocast(torch.device(device).type, dtype=dtype,
+                                         enabled=dtype != torch.float32):
+        for s in range(0, len(order), batch_size):
+            chunk = [examples[i] for i in order[s:s + batch_size]]
+            tb = _to_device(collate_train(chunk, pad_id), device)
+            loss_sum += batch_loss(model, tb).item()
+            n_targets += tb.n_targets
+            sb = _to_device(collate_scoring(chunk, pad_id), device)
+            scores = score_labels(model, sb, encoder.label_ids)
+            correct += int((scores.argmax(dim=1) == sb.gold).sum())
+    return {"step": step, "val_loss": round(loss_sum / max(1, n_targets), 5),
+            "val_accuracy": round(correct / len(examples), 5), "val_items": len(examples),
+            "eval_s": round(time.perf_counter() - started, 2)}
+
+
+def _to_device(batch: Any, device: str) -> Any:
+    import torch
+    for name, value in vars(batch).items():
+        if isinstance(value, torch.Tensor):
+            setattr(batch, name, value.to(device))
+    return batch
+
+
+def _metrics_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A per-step row of metrics.jsonl, in the PEFT loop's layout."""
+    out = {"step": row["step"], "loss": round(row["loss"], 5), "lr": row["lr"], "tokens": row.get("tokens")}
+    if row.get("tokens_per_s"):
+        out["tokens_per_s"] = round(row["tokens_per_s"], 1)
+    return out
+
+
+def _append_metrics(out_dir: Path, rows: list[dict[str, Any]]) -> None:
+    with (out_dir / METRICS_FILE).open("a", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row) + "\n")
+
+
+def _code_version() -> str:
+    from workers.version import code_version
+    return code_version()
+
+
+def _metrics(steps: list[dict[str, Any]], history: list[dict[str, Any]], *, recipe_seconds: float,
+             wall_s: float, n_examples: int, epochs: float, dtype: str, device: str) -> dict[str, Any]:
+    last = history[-1] if history else {}
+    recent = [r["loss"] for r in steps[-10:]]
+    rate = steady_tokens_per_s(steps)
     return {
-        "train_loss": history[-1]["loss"],
-        "train_loss_first": history[0]["loss"],
-        # Steady-state throughput: steps after the first (which also pays for warm-up).
-        "tokens_per_s": sum(rates) / len(rates) if rates else None,
-        "train_seconds": train_seconds,
-        "train_examples": n_examples,
+        "train_loss": sum(recent) / len(recent),  # mean of the last 10 steps, as the PEFT loop reports it
+        "train_loss_first": steps[0]["loss"],
+        "val_loss": last.get("val_loss"),
+        "val_accuracy": last.get("val_accuracy"),
+        "best_val_loss": last.get("val_loss"),
+        "tokens": sum(r.get("tokens") or 0 for r in steps),
+        "train_s": round(recipe_seconds, 2),  # the whole subprocess: startup, load, steps, save
+        "tokens_per_s": round(rate, 1) if rate else None,  # steady state: the steps after the first
+        "wall_s": round(wall_s, 2),
+        "examples": n_examples,
+        "epochs": round(epochs, 4),
+        "dtype": dtype,
+        "device": device,
+        "stop_reason": "completed",
     }
+
+
+def steady_tokens_per_s(history: list[dict[str, Any]]) -> float | None:
+    """Input tokens (padding excluded) per second over the optimizer steps after the first, which also
+    pays for warm-up; None with fewer than two steps."""
+    timed = [r for r in history if r.get("time") is not None and r.get("tokens")]
+    if len(timed) < 2 or timed[-1]["time"] <= timed[0]["time"]:
+        return None
+    return sum(r["tokens"] for r in timed[1:]) / (timed[-1]["time"] - timed[0]["time"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The throughput benchmark's figure
+
+
+def torchtune_tokens_per_s(model: str = "smollm2-135m", *, steps: int = 6, batch_size: int = 16,
+                           max_seq_len: int = 160, dtype: str = "auto", device: str = "auto",
+                           dataset_dir: Path | None = None, n_records: int = 64,
+                           work_dir: Path | None = None, seed: int = 0) -> dict[str, Any]:
+    """Training throughput of the torchtune backend, for `bench/train_throughput.py`.
+
+    Runs `train_torchtune` for a few optimizer steps with the spec's default LoRA and reports real
+    tokens (prompt + response, padding excluded, as the PEFT loop counts them) per second over the
+    steps after the first. Startup (subprocess, torchtune import, checkpoint load, adapter export) is
+    reported apart as startup_s.
+
+    Args:
+        model: a model preset or checkpoint folder.
+        steps, batch_size, max_seq_len, dtype, device: as in TrainSpec.
+        dataset_dir: a prepared dataset; by default `n_records` AG News articles from the shared data
+            ($NEWSLORA_SHARED_DATA/ag_news/train.jsonl) are written in the prepared format.
+        work_dir: where the run goes (a temporary folder by default, removed afterwards).
+
+    Returns:
+        {"backend", "model", "tokens_per_s", "steps", "batch_size", "max_seq_len", "dtype", "device",
+         "wall_s", "train_s", "startup_s", "loss_first", "loss_last", "versions"}.
+    """
+    import tempfile
+
+    from workers.context import LocalContext
+
+    tmp = None
+    if work_dir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="newslora-tt-bench-")
+        work_dir = Path(tmp.name)
+    work_dir = Path(work_dir)
+    try:
+        if dataset_dir is None:
+            dataset_dir = _ag_news_bench_dataset(work_dir / "dataset", n_records)
+        spec = TrainSpec(dataset_id=1, model=model, backend="torchtune", max_steps=steps, batch_size=batch_size,
+                         max_seq_len=max_seq_len, dtype=dtype, device=device, warmup_steps=1, seed=seed)
+        t0 = time.perf_counter()
+        result = train_torchtune(spec, dataset_dir, work_dir / "out", LocalContext(work_dir=work_dir))
+        wall = time.perf_counter() - t0
+        steps_rows = [json.loads(line) for line in (work_dir / "out" / METRICS_FILE).read_text().splitlines()
+                      if "loss" in json.loads(line)]
+        dev = pick_device(device)
+        return {
+            "backend": "torchtune",
+            "model": model,
+            "tokens_per_s": result["metrics"]["tokens_per_s"],
+            "steps": steps,
+            "batch_size": batch_size,
+            "max_seq_len": max_seq_len,
+            "dtype": recipe_dtype(spec, dev),
+            "device": dev,
+            "wall_s": wall,
+            "train_s": result["metrics"]["train_s"],
+            "startup_s": wall - _steady_seconds(result["metrics"]["tokens_per_s"], steps_rows),
+            "loss_first": steps_rows[0]["loss"],
+            "loss_last": steps_rows[-1]["loss"],
+            "versions": {"torchtune": TORCHTUNE_VERSION},
+        }
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+
+def _steady_seconds(rate: float | None, steps: list[dict[str, Any]]) -> float:
+    tokens = sum(r.get("tokens") or 0 for r in steps[1:])
+    return tokens / rate if rate else 0.0
+
+
+def _ag_news_bench_dataset(root: Path, n_records: int) -> Path:
+    """A prepared-dataset folder of the first n AG News training articles from the shared data."""
+    from workers.prompts import default_instruction
+
+    shared = Path(os.environ.get("NEWSLORA_SHARED_DATA", REPO.parent / "shared" / "data")) / "ag_news"
+    if not (shared / "train.jsonl").is_file():
+        raise FileNotFoundError(f"no AG News data at {shared}: set NEWSLORA_SHARED_DATA, or pass dataset_dir")
+    labels = (shared / "classes.txt").read_text().split("\n") if (shared / "classes.txt").is_file() else []
+    labels = [x.strip() for x in labels if x.strip()] or ["World", "Sports", "Business", "Sci/Tech"]
+    instruction = default_instruction(labels)
+    root.mkdir(parents=True, exist_ok=True)
+    with (shared / "train.jsonl").open(encoding="utf-8") as src, (root / "train.jsonl").open("w") as dst:
+        for i, line in enumerate(src):
+            if i >= n_records:
+                break
+            row = json.loads(line)
+            dst.write(json.dumps({"id": str(i), "instruction": instruction, "input": row["text"],
+                                  "output": labels[row["label"]], "label_id": row["label"]}) + "\n")
+    (root / "validation.jsonl").write_text("")
+    (root / "meta.json").write_text(json.dumps({"label_names": labels, "template": "alpaca",
+                                                "instruction": instruction, "hash": f"ag-news-first-{n_records}"}))
+    return root
