@@ -51,8 +51,36 @@ async def lifespan(_app: FastAPI):
     yield
 
 
+class BodyLimit:
+    """Count request-body bytes as they arrive and refuse the request with 413 past NEWSLORA_MAX_BODY_BYTES.
+
+    `guard` refuses a too-large Content-Length at once; this catches a chunked body (no Content-Length)
+    or one longer than it said, before it is buffered whole.
+    """
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = get_settings().max_body_bytes
+        seen = 0
+
+        async def counted_receive():  # called by the endpoint itself (inside `guard`: no task group between)
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:  # FastAPI re-raises an HTTPException met while reading the body
+                    raise HTTPException(413, f"request body over {limit} bytes")
+            return message
+        await self.app(scope, counted_receive, send)
+
+
 app = FastAPI(title="newslora", version="0.1.0", lifespan=lifespan,
               description="Submit classification batches, fine-tune jobs and pipelines; read their results.")
+app.add_middleware(BodyLimit)  # added before `guard`, so it runs inside it
 
 
 # ---------------------------------------------------------------- cross-cutting
