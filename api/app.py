@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from kombu.exceptions import OperationalError as BrokerError
 from pydantic import ValidationError
@@ -98,6 +99,14 @@ async def guard(request: Request, call_next):
     if length is not None and length.isdigit() and int(length) > s.max_body_bytes:
         return JSONResponse({"detail": f"request body over {s.max_body_bytes} bytes"}, status_code=413)
     return await call_next(request)
+
+
+@app.exception_handler(RequestValidationError)
+async def _invalid_request(_request: Request, exc: RequestValidationError):
+    # FastAPI's own handler echoes each bad input back, and a body like `1e999999` (inf) then fails to
+    # encode as JSON (a 500): answer with where and what, never the input itself.
+    return JSONResponse({"detail": [{"loc": list(err.get("loc", ())), "msg": err.get("msg", ""),
+                                     "type": err.get("type", "")} for err in exc.errors()]}, status_code=422)
 
 
 @app.exception_handler(DBError)
