@@ -188,3 +188,161 @@ def test_oversized_bodies_are_refused_with_and_without_a_length(guarded_api):
     ok = httpx.post(st.url + "/jobs", json={"kind": "noop", "spec": {}}, headers=auth)
     assert ok.status_code == 201
     assert httpx.get(st.url + "/jobs", headers=auth).json()["total"] == 1
+
+
+# ---------------------------------------------------------------- fuzzing: job specs through the real API
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False, allow_infinity=False) |
+                    st.text(max_size=30),
+                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner,
+                                                                                max_size=4),
+                    max_leaves=12)
+VALID = {"noop": {"steps": 1}, "prep": {"train": {"path": "x.jsonl"}, "test": None},
+         "classify": {"items": [{"id": "a", "text": "b"}]}, "train": {"dataset_id": 1},
+         "judge": {"classify_job_id": 1}, "evaluate": {"classify_job_ids": [1]}, "pipeline": {}}
+KINDS = st.sampled_from(sorted(VALID)) | st.sampled_from(["", "bake", "../noop", "noop\x00", "NOOP"]) | JSON
+
+
+@st.composite
+def submissions(draw):
+    """Random JSON for kind and spec, or a valid spec with one field replaced by random JSON."""
+    kind = draw(KINDS)
+    how = draw(st.sampled_from(["valid", "mutated", "mutated", "random"]))
+    if isinstance(kind, str) and kind in VALID and how != "random":
+        spec = dict(VALID[kind])
+        if how == "mutated":
+            field = draw(st.sampled_from(sorted(spec) + ["model", "items", "steps", "sleep_s", "input_file",
+                                                         "queue", "fail"]))
+            spec[field] = draw(JSON | st.integers(0, 3) | st.sampled_from(["cpu", "gpu", "/etc", "smollm2-135m"]))
+    else:
+        spec = draw(JSON)
+    body = {"kind": kind, "spec": spec}
+    if draw(st.integers(0, 9)) == 0:
+        body = draw(JSON)  # not even an object of the right shape
+    return body
+
+
+@pytest.fixture
+def fuzz_stack(rel_stack_factory, tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    st_ = rel_stack_factory(NEWSLORA_DATA_ROOTS=json.dumps([str(root)]), NEWSLORA_WAIT_RETRIES="3",
+                            OLLAMA_HOST="http://127.0.0.1:9")  # judge jobs fail fast: nothing listens there
+    _start_api(st_)
+    st_.start_worker(queues="cpu")  # gpu jobs (model loading) stay queued and are cancelled below
+    return st_
+
+
+@pytest.mark.slow
+def test_fuzzed_submissions_end_in_success_or_a_clear_error(fuzz_stack):
+    st_ = fuzz_stack
+    http = httpx.Client(base_url=st_.url, timeout=30)
+    statuses: dict[int, int] = {}
+
+    @settings(max_examples=150, deadline=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(submissions())
+    def one(body):
+        r = http.post("/jobs", json=body)
+        statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+        assert r.status_code in REFUSALS, (body, r.status_code, r.text[:500])
+        _no_trace(r)
+        if r.status_code >= 400:
+            assert isinstance(r.json()["detail"], (str, list)) and r.json()["detail"]
+        else:  # accepted jobs may not run for ever: cap noop jobs by cancelling what is still running later
+            assert r.json()["status"] == "queued"
+    one()
+    # Raw garbage too: not JSON, wrong content type, huge numbers, deep nesting.
+    for raw in (b"", b"{", b"\xff\xfe", b"[]", b"null", b"1e999999", b'{"kind":"noop","spec":' * 200,
+                json.dumps({"kind": "noop", "spec": {"steps": 10**30}}).encode()):
+        r = http.post("/jobs", content=raw, headers={"Content-Type": "application/json"})
+        assert r.status_code in (400, 422), (raw[:40], r.status_code, r.text[:300])
+        _no_trace(r)
+    assert statuses.get(201, 0) > 0 and statuses.get(422, 0) > 0, statuses
+
+    # Every accepted job ends: cancel what is left, then every job is terminal with a clean error.
+    for job in http.get("/jobs", params={"limit": 500}).json()["items"]:
+        if job["status"] in ("queued", "running"):
+            http.post(f"/jobs/{job['id']}/cancel")
+    deadline = time.monotonic() + 60
+    while True:
+        jobs = http.get("/jobs", params={"limit": 500}).json()["items"]
+        if all(j["status"] in ("succeeded", "failed", "cancelled") for j in jobs) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    for j in jobs:
+        assert j["status"] in ("succeeded", "failed", "cancelled"), j
+        if j["error"]:
+            assert "Traceback" not in j["error"] and len(j["error"]) < 5000
+        for e in http.get(f"/jobs/{j['id']}/events").json():
+            assert "Traceback" not in e["message"]
+    # Neither the API nor the worker died, and both still do their work.
+    assert st_.procs["api"].poll() is None and st_.procs["worker"].poll() is None
+    ok = http.post("/jobs", json={"kind": "noop", "spec": {"steps": 1}}).json()
+    assert st_.client().wait(ok["id"], timeout=60)["status"] == "succeeded"
+    assert_no_secrets(st_, *(j["error"] or "" for j in jobs))
+
+
+# ---------------------------------------------------------------- fuzzing: the data readers
+
+ROW_VALUES = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=40) | \
+    st.lists(st.integers(), max_size=3) | st.dictionaries(st.text(max_size=5), st.integers(), max_size=2)
+
+
+@settings(max_examples=120, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(fmt=st.sampled_from(["jsonl", "csv", "agnews_csv", "parquet", "auto"]),
+       suffix=st.sampled_from([".jsonl", ".csv", ".parquet", ".txt", ""]),
+       data=st.binary(max_size=600) | st.text(max_size=600).map(lambda t: t.encode("utf-8", "surrogatepass")))
+def test_prep_readers_on_random_bytes_give_rows_or_a_prep_error(tmp_path_factory, fmt, suffix, data):
+    from workers.loaders import PrepError, load_source
+    from workers.specs.prep import SourceSpec
+    path = tmp_path_factory.mktemp("fuzz") / f"src{suffix}"
+    path.write_bytes(data)
+    try:
+        src = load_source("train", SourceSpec(path=str(path), format=fmt), ["a", "b"])
+    except PrepError as e:
+        assert str(e) and "Traceback" not in str(e)
+    else:
+        assert all(r.problem is None or isinstance(r.problem, str) for r in src.rows)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(rows=st.lists(st.dictionaries(st.sampled_from(["text", "label", "id", "x"]), ROW_VALUES, max_size=4),
+                     max_size=12),
+       junk_lines=st.lists(st.text(max_size=30), max_size=3),
+       on_bad_rows=st.sampled_from(["fail", "skip"]))
+def test_prepare_dataset_on_random_rows_succeeds_or_says_why(tmp_path_factory, rows, junk_lines, on_bad_rows):
+    from workers.context import LocalContext
+    from workers.loaders import PrepError
+    from workers.prep import prepare_dataset
+    from workers.specs.prep import PrepSpec
+    d = tmp_path_factory.mktemp("fuzzprep")
+    lines = [json.dumps(r) for r in rows] + junk_lines
+    (d / "train.jsonl").write_text("\n".join(lines), encoding="utf-8", errors="surrogatepass")
+    spec = PrepSpec(train={"path": str(d / "train.jsonl")}, test=None, label_names=["a", "b"],
+                    on_bad_rows=on_bad_rows, validation_fraction=0.0)
+    try:
+        meta = prepare_dataset(spec, d / "out", LocalContext(work_dir=d / "work"))
+    except PrepError as e:
+        assert str(e) and "Traceback" not in str(e)
+    else:
+        assert meta["splits"]["train"]["records"] >= 1
+
+
+@settings(max_examples=80, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(suffix=st.sampled_from([".jsonl", ".csv", ".txt"]),
+       data=st.binary(max_size=400) | st.lists(st.dictionaries(st.sampled_from(["id", "text", "label"]), ROW_VALUES,
+                                                               max_size=3), max_size=6)
+       .map(lambda rs: "\n".join(json.dumps(r) for r in rs).encode()))
+def test_classify_input_files_give_items_or_a_clear_error(tmp_path_factory, suffix, data):
+    from workers.inference.items import InputFileError, load_items
+    from workers.specs.classify import ClassifySpec
+    path = tmp_path_factory.mktemp("fuzzitems") / f"in{suffix}"
+    path.write_bytes(data)
+    try:
+        items, rejected = load_items(ClassifySpec(input_file=str(path)), None)
+    except InputFileError as e:
+        assert str(e) and "Traceback" not in str(e)
+    else:
+        assert all(isinstance(i["text"], str) and i["id"] for i in items)
+        assert all(r["reason"] for r in rejected)
