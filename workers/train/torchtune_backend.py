@@ -31,7 +31,6 @@ import queue
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -263,7 +262,7 @@ def recipe_config(spec: TrainSpec, *, model_dir: Path, run_dir: Path, tokens_pat
         "epochs": 1,
         "max_steps_per_epoch": total_steps,
         "gradient_accumulation_steps": spec.grad_accum,
-        "clip_grad_norm": None,
+        "clip_grad_norm": getattr(spec, "max_grad_norm", None),  # None: off
         "compile": False,
         "metric_logger": {"_component_": "torchtune_entry.StdoutMetricLogger"},
         "log_every_n_steps": 1,
@@ -461,7 +460,8 @@ def train_torchtune(spec: TrainSpec, dataset_dir: Path, out_dir: Path, ctx: JobC
     encoder = PromptEncoder(tokenizer, template=meta["template"], instruction=meta["instruction"],
                             label_names=meta["label_names"], max_seq_len=spec.max_seq_len)
     examples = encoder.encode(data.train[:spec.max_train_samples], train_on_input=spec.train_on_input)
-    val_examples = encoder.encode(data.validation[:spec.val_samples])
+    val_records = data.validation[:spec.val_samples]
+    val_examples = encoder.encode(val_records) if val_records else []
     cut = sum(e.truncated for e in examples)
     if cut:
         ctx.event(f"train: {cut} of {len(examples)} articles cut to fit max_seq_len {spec.max_seq_len} "
