@@ -24,6 +24,7 @@ deleting these two files and the setup script.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -567,8 +568,14 @@ def validate_adapter(model_dir: Path, adapter_dir: Path, examples: list[Example]
     model = PeftModel.from_pretrained(base, adapter_dir).to(device).eval()
     loss_sum, n_targets, correct = 0.0, 0, 0
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
-    with torch.no_grad(), torch.autocast(torch.device(device).type, dtype=dtype,
-                                         enabled=dtype != torch.float32):
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.no_grad())
+        if dtype != torch.float32:
+            # As the PEFT loop computes: LoRA matmuls in the base's dtype under autocast, instead of
+            # PEFT's default of casting every adapted layer's input up to fp32 and back.
+            from peft.helpers import disable_input_dtype_casting
+            stack.enter_context(disable_input_dtype_casting(model))
+            stack.enter_context(torch.autocast(torch.device(device).type, dtype=dtype))
         for s in range(0, len(order), batch_size):
             chunk = [examples[i] for i in order[s:s + batch_size]]
             tb = _to_device(collate_train(chunk, pad_id), device)
