@@ -150,3 +150,108 @@ def test_settings_flag_a_visibility_timeout_not_above_the_time_limit():
     assert Settings(NEWSLORA_VISIBILITY_TIMEOUT_S=25200, NEWSLORA_JOB_TIME_LIMIT_S=21600).redelivery_warning() is None
     warning = Settings(NEWSLORA_VISIBILITY_TIMEOUT_S=3600, NEWSLORA_JOB_TIME_LIMIT_S=21600).redelivery_warning()
     assert "3600" in warning and "21600" in warning and "above the time limit" in warning
+
+
+# ---------------------------------------------------------------- classification batch killed midway
+
+def _news_items(n: int, prefix: str = "") -> list[dict]:
+    topics = ["stocks fell as the central bank raised rates", "the striker scored twice in the final",
+              "a new chip doubles battery life", "leaders met to discuss the ceasefire"]
+    return [{"id": f"{prefix}{i}", "text": f"{topics[i % 4]} (report {i})"} for i in range(n)]
+
+
+@pytest.mark.slow
+def test_worker_killed_mid_classification_every_item_stored_exactly_once(rel_stack_factory, tiny_model_dir,
+                                                                         rel_db_url):
+    st = rel_stack_factory()
+    st.start_api()
+    st.start_worker()
+    c = st.client()
+    n = 1000
+    job = c.submit_classify({"items": _news_items(n), "model": str(tiny_model_dir), "mode": "score",
+                             "batch_size": 32, "dtype": "fp32", "device": "cpu"})
+    deadline = time.monotonic() + 120
+    while True:  # kill once part of the batch is stored, and well before the end
+        stored = c.predictions(job["id"], limit=1)["total"]
+        if stored >= 100:
+            break
+        assert time.monotonic() < deadline and c.get(job["id"])["status"] in ("queued", "running"), \
+            st.log("worker")[-3000:]
+        time.sleep(0.1)
+    st.kill("worker")  # SIGKILL, mid-batch
+    at_kill = c.predictions(job["id"], limit=1)["total"]
+    assert 0 < at_kill < n, at_kill
+    st.start_worker("worker2")
+    done = c.wait(job["id"], timeout=180)
+    assert done["status"] == "succeeded", (done["error"], st.log("worker2")[-3000:])
+    assert done["attempts"] == 2
+    ids = [p["item_id"] for p in c.iter_predictions(job["id"], page=1000)]
+    assert len(ids) == n and set(ids) == {str(i) for i in range(n)}  # none missing, none twice
+    assert _count(rel_db_url, f"SELECT count(*) FROM predictions WHERE job_id = {job['id']}") == n
+    assert _count(rel_db_url, f"SELECT count(DISTINCT item_id) FROM predictions WHERE job_id = {job['id']}") == n
+    assert _count(rel_db_url, f"SELECT count(*) FROM predictions WHERE job_id = {job['id']} "
+                              "AND (label IS NULL OR error IS NOT NULL)") == 0
+    msgs = _messages(c, job["id"])
+    assert msgs.count("succeeded") == 1 and "taken over after its worker died" in msgs
+
+
+# ---------------------------------------------------------------- the judge server failing
+
+JUDGE = {"dialogue": True, "answer_max_new_tokens": 4, "sample": 4, "retries": 1, "backoff_s": 0.0,
+         "timeout_s": 1.0, "concurrency": 2, "stream": False}
+
+
+@pytest.mark.slow
+def test_judge_server_refusing_hanging_or_failing_items_unscored_and_evaluation_completes(rel_stack_factory,
+                                                                                          tiny_model_dir):
+    from tests.fakes.ollama_server import DEFAULT_REPLY, FakeOllama
+    from tests.reliability.services import free_port
+    st = rel_stack_factory()
+    st.start_api()
+    st.start_worker()
+    c = st.client()
+    model = str(tiny_model_dir)
+    items = [{**it, "label": ["World", "Sports", "Business", "Sci/Tech"][i % 4]}
+             for i, it in enumerate(_news_items(8))]
+    cj = c.wait(c.submit_classify({"items": items, "model": model, "dtype": "fp32", "device": "cpu"})["id"],
+                timeout=120)
+    assert cj["status"] == "succeeded", cj["error"]
+
+    def judge(fake_url: str, **over) -> dict:
+        return c.wait(c.submit_judge({**JUDGE, "model": model, "host": fake_url, **over})["id"], timeout=120)
+
+    with FakeOllama(delay_s=4) as hanging, FakeOllama(fail_first=10**6) as failing, \
+            FakeOllama(fail_first=2) as flaky, FakeOllama() as dying:
+        served = []
+
+        def reply_then_die(_body):  # answers one chat, then stops listening: later ones are refused
+            if not served:
+                served.append(1)
+                dying.stop()  # closes the listening socket; this request's connection still gets its answer
+            return DEFAULT_REPLY
+        dying.reply = reply_then_die
+        hung, failed, recovered = judge(hanging.url), judge(failing.url), judge(flaky.url, retries=2)
+        died = judge(dying.url, concurrency=1)
+        assert failing.chats == 4 * 2  # each item tried 1 + retries times, no more
+    refused = judge(f"http://127.0.0.1:{free_port()}")
+
+    for job, kind in ((hung, "did not answer in time"), (failed, "500"), (died, "")):
+        assert job["status"] == "succeeded", job["error"]
+        rows = c.judge_scores(job["id"])
+        assert len(rows) == 4 and len({r["item_id"] for r in rows}) == 4  # every sampled item has its row
+        unscored = [r for r in rows if r["status"] == "unscored"]
+        assert unscored and all(r["error"] for r in unscored), (kind, rows)
+        assert all(kind in r["error"] for r in unscored), [r["error"] for r in unscored]
+        assert job["result"]["summary"]["n_unscored"] == len(unscored)
+    assert len([r for r in c.judge_scores(hung["id"]) if r["status"] == "unscored"]) == 4
+    assert len([r for r in c.judge_scores(died["id"]) if r["status"] == "scored"]) == 1
+    assert recovered["status"] == "succeeded"
+    assert all(r["status"] == "scored" for r in c.judge_scores(recovered["id"]))
+    # Unreachable before any item: the job fails at once with a reason that names the server.
+    assert refused["status"] == "failed" and "127.0.0.1" in refused["error"], refused["error"]
+    assert "Traceback" not in refused["error"]
+
+    ev = c.wait(c.submit_evaluate({"classify_job_ids": [cj["id"]], "bootstrap": 50, "report": False,
+                                   "judge_job_ids": [hung["id"], failed["id"], died["id"]]})["id"], timeout=120)
+    assert ev["status"] == "succeeded", ev["error"]
+    assert ev["result"]["accuracy"]
