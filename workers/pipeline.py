@@ -70,20 +70,21 @@ def stages_for(spec: PipelineSpec) -> list[Stage]:
                   lambda r: {**gen, "dataset_id": ds(r), "adapter_id": ad(r)}),
         ]
         if spec.judge is not None:
-            judge = {k: v for k, v in spec.judge.items() if k != "dialogue"}
+            # Each stage gets its own dict: the lambdas close over the name, not its value at this line.
+            judge_gen = {k: v for k, v in spec.judge.items() if k != "dialogue"}
             st += [
                 Stage("judge_base", "judge", ["generate_base"],
-                      lambda r: {**judge, "classify_job_id": r["generate_base"]["job_id"]}),
+                      lambda r: {**judge_gen, "classify_job_id": r["generate_base"]["job_id"]}),
                 Stage("judge_adapter", "judge", ["generate_adapter"],
-                      lambda r: {**judge, "classify_job_id": r["generate_adapter"]["job_id"]}),
+                      lambda r: {**judge_gen, "classify_job_id": r["generate_adapter"]["job_id"]}),
             ]
     if spec.judge is not None and spec.judge.get("dialogue", True):
-        judge = {k: v for k, v in spec.judge.items() if k not in ("dialogue", "sample")}
+        judge_dlg = {k: v for k, v in spec.judge.items() if k not in ("dialogue", "sample")}
         st += [
-            Stage("dialogue_base", "judge", ["prep"], lambda r: {**judge, "dialogue": True, "model": spec.model,
-                                                                 "sample": None}),
+            Stage("dialogue_base", "judge", ["prep"],
+                  lambda r: {**judge_dlg, "dialogue": True, "model": spec.model, "sample": None}),
             Stage("dialogue_adapter", "judge", ["train"],
-                  lambda r: {**judge, "dialogue": True, "model": spec.model, "adapter_id": ad(r), "sample": None}),
+                  lambda r: {**judge_dlg, "dialogue": True, "model": spec.model, "adapter_id": ad(r), "sample": None}),
         ]
     names = [s.name for s in st]
 
