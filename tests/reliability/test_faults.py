@@ -6,6 +6,7 @@ machine's shared services are never restarted.
 """
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -255,3 +256,48 @@ def test_judge_server_refusing_hanging_or_failing_items_unscored_and_evaluation_
                                    "judge_job_ids": [hung["id"], failed["id"], died["id"]]})["id"], timeout=120)
     assert ev["status"] == "succeeded", ev["error"]
     assert ev["result"]["accuracy"]
+
+
+# ---------------------------------------------------------------- training killed midway
+
+@pytest.mark.slow
+def test_worker_killed_during_training_resumes_from_its_checkpoint_and_registers_once(rel_stack_factory,
+                                                                                      tiny_model_dir, tmp_path,
+                                                                                      rel_db_url):
+    st = rel_stack_factory()
+    st.start_api()
+    st.start_worker()
+    c = st.client()
+    labels = ["World", "Sports", "Business", "Sci/Tech"]
+    src = tmp_path / "news.jsonl"
+    src.write_text("\n".join(json.dumps({"text": f"{t} (story {i})", "label": labels[i % 4]})
+                             for i, t in enumerate(it["text"] for it in _news_items(120))))
+    prep = c.wait(c.submit_prep({"train": {"path": str(src)}, "test": None, "validation_fraction": 0.1})["id"],
+                  timeout=120)
+    assert prep["status"] == "succeeded", prep["error"]
+    spec = {"dataset_id": prep["result"]["dataset_id"], "model": str(tiny_model_dir), "max_steps": 60,
+            "save_every": 5, "eval_every": 1000, "val_samples": 8, "batch_size": 4, "max_seq_len": 128,
+            "warmup_steps": 0, "dtype": "fp32", "device": "cpu"}
+    job = c.submit_train(spec)
+    deadline = time.monotonic() + 180
+    while True:  # kill after a few checkpoints, well before the end
+        j = c.get(job["id"])
+        step = (j.get("progress_info") or {}).get("done") or 0
+        if step >= 15:
+            break
+        assert time.monotonic() < deadline and j["status"] in ("queued", "running"), (j["error"], j["status"])
+        time.sleep(0.1)
+    st.kill("worker")  # SIGKILL
+    assert c.get(job["id"])["progress"] < 1.0
+    st.start_worker("worker2")
+    done = c.wait(job["id"], timeout=240)
+    assert done["status"] == "succeeded", (done["error"], st.log("worker2")[-3000:])
+    assert done["attempts"] == 2
+    resumed = done["result"]["resumed_from_step"]
+    assert resumed is not None and resumed >= 10 and resumed % 5 == 0, done["result"]
+    msgs = _messages(c, job["id"])
+    assert any(m.startswith(f"train: resumed from step {resumed}") for m in msgs), msgs
+    assert msgs.count("succeeded") == 1
+    assert _count(rel_db_url, f"SELECT count(*) FROM model_artifacts WHERE job_id = {job['id']}") == 1
+    assert _count(rel_db_url, "SELECT count(*) FROM model_artifacts") == 1
+    assert [m["id"] for m in c.models()] == [done["result"]["adapter_id"]]
