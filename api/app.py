@@ -169,7 +169,8 @@ def _check_paths(kind: str, spec: Any) -> None:
 def health() -> dict[str, Any]:
     with session_scope() as s:
         s.execute(text("SELECT 1"))
-    return {"ok": True, "code_version": code_version(), "embedded": get_settings().embedded}
+    s = get_settings()
+    return {"ok": True, "code_version": code_version(), "embedded": s.embedded, "home": str(s.home)}
 
 
 @app.post("/jobs", response_model=JobOut, status_code=201)

@@ -45,12 +45,21 @@ def commands() -> dict[str, list[str]]:
 
 
 def api_up(client: Client | None = None) -> bool:
+    """True when an API answers for this NEWSLORA_HOME.
+
+    Raises:
+        ApiError: the API on this port serves another NEWSLORA_HOME (two embedded homes, one port).
+    """
     c = client or Client(timeout=3)
     try:
-        c.health()
-        return True
+        health = c.health()
     except ApiError:
         return False
+    s = get_settings()
+    if s.embedded and not s.api_url and health.get("home") and Path(health["home"]) != s.home:
+        raise ApiError(0, f"the API on {c.base_url} serves NEWSLORA_HOME={health['home']}, not {s.home}: "
+                          f"stop it (NEWSLORA_HOME={health['home']} newslora down) or set NEWSLORA_API_PORT")
+    return True
 
 
 def start(*, wait_s: float = 90.0, quiet: bool = False) -> None:

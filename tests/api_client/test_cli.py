@@ -70,3 +70,10 @@ def test_unreachable_api_is_a_clear_error(tmp_path):
     env.update(NEWSLORA_HOME=str(tmp_path / "h"), NEWSLORA_API_URL=f"http://127.0.0.1:{free_port()}")
     r = newslora(env, "jobs", "list")
     assert r.returncode == 3 and "unreachable" in r.stderr
+
+
+def test_two_homes_on_one_port_is_a_clear_error(cli_env, tmp_path):
+    assert newslora(cli_env, "up").returncode == 0
+    other = dict(cli_env, NEWSLORA_HOME=str(tmp_path / "other-home"))
+    r = newslora(other, "jobs", "list")
+    assert r.returncode == 3 and "serves NEWSLORA_HOME" in r.stderr
