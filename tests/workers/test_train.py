@@ -123,6 +123,7 @@ def test_shared_prefix_loss_equals_full_sequence_loss(tiny_model_dir, tokenizer,
             n = sum(x != IGNORE for x in e.labels[1:])
             total, count = total + out.loss.item() * n, count + n
     assert batch.n_targets == count
+    assert batch.n_tokens == sum(len(e.input_ids) for e in examples)
     assert ours.item() == pytest.approx(total / count, rel=1e-4)
 
 
@@ -246,6 +247,22 @@ def test_resume_refuses_a_checkpoint_from_other_settings(tiny_model_dir, dataset
         train_adapter(tiny_spec(tiny_model_dir, max_steps=2, batch_size=4), dataset_dir, out, LocalContext())
 
 
+def test_early_stopping_on_val_loss_and_wandb_missing_is_a_warning(tiny_model_dir, dataset_dir, tmp_path,
+                                                                    monkeypatch):
+    import importlib.util
+    # Validation loss rises after the first eval: with patience 1 the run stops at the second.
+    monkeypatch.setattr(peft_loop.PeftLoraTrainer, "evaluate", lambda self, examples: (1.0 + self.step, 0.5))
+    ctx = LocalContext(work_dir=tmp_path)
+    wandb_installed = importlib.util.find_spec("wandb") is not None
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    result = train_adapter(tiny_spec(tiny_model_dir, max_steps=6, eval_every=1, early_stopping_patience=1,
+                                     wandb=not wandb_installed), dataset_dir, tmp_path / "run", ctx)
+    assert result["steps"] == 2 and result["metrics"]["stop_reason"] == "early_stopping"
+    assert [h["val_loss"] for h in result["history"]] == [2.0, 3.0]
+    if not wandb_installed:
+        assert any(e["level"] == "warning" and "wandb is not installed" in e["message"] for e in ctx.events)
+
+
 # -- bad input --------------------------------------------------------------------------------------
 
 def test_bad_inputs_get_clear_errors(tiny_model_dir, dataset_dir, tmp_path):
@@ -293,3 +310,5 @@ def test_a_few_steps_on_real_smollm2(smollm2_dir, ag_news_dir, tmp_path):
     assert result["metrics"]["dtype"] == ("bfloat16" if cpu_has_fast_bf16() else "float32")
     assert 0.0 < result["metrics"]["train_loss"] < 5.0  # an instruct model already half-knows the task
     assert result["metrics"]["val_accuracy"] >= 0.25
+    # Frozen base in bf16, LoRA weights kept (and saved) in fp32.
+    assert {t.dtype for t in adapter_tensors(result["adapter_dir"]).values()} == {torch.float32}

@@ -197,7 +197,7 @@ class TrainBatch:
     targets: torch.Tensor  # (B, S): next-token targets for the suffix positions, IGNORE elsewhere
     prefix_targets: torch.Tensor | None  # (B, P): targets for the prefix positions, None when all IGNORE
     n_targets: int
-    n_tokens: int  # real tokens, prefix counted once per row (what the batch stands for)
+    n_tokens: int  # real tokens, the prefix counted once per row (what the batch stands for)
 
 
 def collate_train(examples: Sequence[Example], pad_id: int) -> TrainBatch:
@@ -221,7 +221,7 @@ def collate_train(examples: Sequence[Example], pad_id: int) -> TrainBatch:
     return TrainBatch(prefix_ids=torch.tensor([prefix]), input_ids=ids, attention_mask=mask,
                       targets=shifted[:, P:].contiguous(),
                       prefix_targets=prefix_targets.contiguous() if bool((prefix_targets != IGNORE).any()) else None,
-                      n_targets=n_targets, n_tokens=int(mask.sum()) + (B - 1) * P)
+                      n_targets=n_targets, n_tokens=int(mask.sum()))
 
 
 @dataclass
