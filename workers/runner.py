@@ -45,6 +45,26 @@ class JobTimedOut(RuntimeError):
     pass
 
 
+def _with_store_retries(job_id: int, what: str, fn: Callable[[], Any]) -> Any:
+    """Run one store write, retrying while the database is unreachable (a restart), boundedly.
+
+    Raises:
+        db.session.StoreUnavailable: still unreachable after NEWSLORA_WAIT_RETRIES tries.
+    """
+    from sqlalchemy.exc import OperationalError
+    from db.session import StoreUnavailable
+    retries = max(1, get_settings().wait_retries)
+    for attempt in range(retries):
+        try:
+            return fn()
+        except OperationalError as e:
+            log.warning("job %s: the database is unavailable while writing %s (try %d/%d): %s", job_id, what,
+                        attempt + 1, retries, type(e.orig or e).__name__)
+            time.sleep(min(5.0, 0.5 * (attempt + 1)))
+    raise StoreUnavailable(f"the database was unreachable for {retries} tries while the job wrote {what}; "
+                           f"check that PostgreSQL is up, then resubmit")
+
+
 class StoreContext:
     """The JobContext a worker hands to plain job functions: events, progress, cancel, predictions."""
 
@@ -86,8 +106,10 @@ class StoreContext:
 
     # -- JobContext
     def event(self, message: str, *, level: str = "info", metrics: dict[str, Any] | None = None) -> None:
-        with session_scope() as s:
-            jobq.add_event(self.job_id, message, session=s, level=level, metrics=_jsonable(metrics))
+        def write() -> None:
+            with session_scope() as s:
+                jobq.add_event(self.job_id, message, session=s, level=level, metrics=_jsonable(metrics))
+        _with_store_retries(self.job_id, "an event", write)
 
     def progress(self, done: float, total: float | None = None, *, message: str | None = None,
                  **metrics: Any) -> None:
@@ -98,11 +120,16 @@ class StoreContext:
         self._last_progress_write = now
         frac = min(1.0, done / total) if total else 0.0
         info = _jsonable({"done": done, "total": total, "message": message, **metrics})
-        with session_scope() as s:
-            jobq.set_progress(self.job_id, frac, info, session=s)
-            if final or now - self._last_progress_event >= 2.0:
-                self._last_progress_event = now
-                jobq.add_event(self.job_id, message or "progress", session=s, metrics=info)
+        with_event = final or now - self._last_progress_event >= 2.0
+
+        def write() -> None:
+            with session_scope() as s:
+                jobq.set_progress(self.job_id, frac, info, session=s)
+                if with_event:
+                    jobq.add_event(self.job_id, message or "progress", session=s, metrics=info)
+        _with_store_retries(self.job_id, "progress", write)
+        if with_event:
+            self._last_progress_event = now
 
     def check_cancel(self) -> None:
         if self._lost.is_set():
@@ -115,12 +142,18 @@ class StoreContext:
     def save_predictions(self, rows: Sequence[dict[str, Any]]) -> None:
         if self._lost.is_set():
             raise LeaseLost(f"job {self.job_id}: another worker took it over")
-        with session_scope() as s:
-            resq.save_predictions(self.job_id, [_jsonable(r) for r in rows], session=s)
+        clean = [_jsonable(r) for r in rows]
+
+        def write() -> None:  # an upsert: a retry after a half-sent write stores each item once
+            with session_scope() as s:
+                resq.save_predictions(self.job_id, clean, session=s)
+        _with_store_retries(self.job_id, "predictions", write)
 
     def done_item_ids(self) -> set[str]:
-        with session_scope() as s:
-            return resq.done_item_ids(self.job_id, session=s)
+        def read() -> set[str]:
+            with session_scope() as s:
+                return resq.done_item_ids(self.job_id, session=s)
+        return _with_store_retries(self.job_id, "(reading) its stored items", read)
 
 
 def _jsonable(obj: Any) -> Any:
