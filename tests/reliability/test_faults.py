@@ -94,11 +94,9 @@ def test_postgres_restart_mid_batch_jobs_finish_and_nothing_half_written(rel_sta
             assert time.monotonic() < deadline, st.log("api")[-3000:]
             time.sleep(0.5)
     done = [c.wait(j, timeout=120) for j in jobs]
-    for d in done:
-        assert d["status"] in ("succeeded", "failed"), d
-        if d["status"] == "failed":  # allowed, but only with a clear reason
-            assert d["error"] and "database" in d["error"].lower(), d["error"]
-    assert done[-1]["status"] == "succeeded", st.log("worker")[-4000:]
+    # The running job's store writes waited out the outage (bounded retries): every job succeeds.
+    assert [d["status"] for d in done] == ["succeeded"] * len(jobs), [d["error"] for d in done]
+    assert "the database is unavailable while writing" in st.log("worker")
     for j in jobs:
         assert _messages(c, j).count(c.get(j)["status"]) == 1
     # Nothing half-written: every terminal job has its finish time, and no job is left without an outcome.
