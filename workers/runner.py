@@ -182,9 +182,13 @@ def run_job(job_id: int, kind: str, handler: Handler, *, worker: str | None = No
     or why it was not run: 'busy', 'finished', 'missing', 'lease_lost')."""
     s = get_settings()
     worker = worker or worker_id()
-    with session_scope() as session:
-        outcome = jobq.claim(job_id, worker, session=session, lease_s=s.lease_s)
-        job = session.get(Job, job_id)
+
+    def claim() -> tuple[str, Job | None]:
+        with session_scope() as session:
+            return (jobq.claim(job_id, worker, session=session, lease_s=s.lease_s), session.get(Job, job_id))
+    # A delivery that arrives while the database restarts waits for it (boundedly) rather than being
+    # acked and lost with the job left queued.
+    outcome, job = _with_store_retries(job_id, "its lease", claim)
     if outcome not in ("claimed", "taken_over"):
         log.info("job %s: delivery dropped (%s)", job_id, outcome)
         if outcome == "cancelled":
