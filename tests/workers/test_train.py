@@ -304,11 +304,13 @@ def test_a_few_steps_on_real_smollm2(smollm2_dir, ag_news_dir, tmp_path):
     from workers.models import cpu_has_fast_bf16
     ds = write_dataset(tmp_path / "ds", ag_news_dir, n_train=24, n_val=8)
     spec = TrainSpec(dataset_id=1, model=str(smollm2_dir), batch_size=8, max_steps=3, warmup_steps=1, val_samples=8,
-                     learning_rate=2e-4)
+                     learning_rate=5e-4)
     result = train_adapter(spec, ds, tmp_path / "run", LocalContext(work_dir=tmp_path))
     assert result["steps"] == 3
     assert result["metrics"]["dtype"] == ("bfloat16" if cpu_has_fast_bf16() else "float32")
-    assert 0.0 < result["metrics"]["train_loss"] < 5.0  # an instruct model already half-knows the task
-    assert result["metrics"]["val_accuracy"] >= 0.25
+    losses = [json.loads(x)["loss"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+              if "loss" in json.loads(x)]
+    assert losses[-1] < 0.7 * losses[0], losses  # the label + EOS format is learnt within a few steps
+    assert 0.0 <= result["metrics"]["val_accuracy"] <= 1.0 and result["metrics"]["tokens_per_s"] > 0
     # Frozen base in bf16, LoRA weights kept (and saved) in fp32.
     assert {t.dtype for t in adapter_tensors(result["adapter_dir"]).values()} == {torch.float32}
