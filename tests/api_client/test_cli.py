@@ -77,3 +77,16 @@ def test_two_homes_on_one_port_is_a_clear_error(cli_env, tmp_path):
     other = dict(cli_env, NEWSLORA_HOME=str(tmp_path / "other-home"))
     r = newslora(other, "jobs", "list")
     assert r.returncode == 3 and "serves NEWSLORA_HOME" in r.stderr
+
+
+def test_classify_one_text_prints_label_and_probabilities(cli_env, tiny_model_dir):
+    r = newslora(cli_env, "classify", "--model", str(tiny_model_dir), "--text", "Stocks rallied as the Fed held rates",
+                 "dtype=fp32", timeout=300)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    labels = {"World", "Sports", "Business", "Sci/Tech"}
+    assert lines[0] in labels
+    probs = {ln.split()[0]: float(ln.split()[1]) for ln in lines[1:5]}
+    assert set(probs) == labels and abs(sum(probs.values()) - 1) < 0.01
+    r = newslora(cli_env, "classify", "--model", str(tiny_model_dir), "--text", "   ", "dtype=fp32", timeout=300)
+    assert r.returncode != 0 and "empty" in r.stderr.lower()

@@ -55,6 +55,19 @@ def test_pipeline_runs_to_a_stored_evaluation(redis_pg_stack, tiny_model_dir):
     adapter = c.model(done["result"]["adapter_id"])
     assert adapter["kind"] == "adapter" and adapter["dataset_hash"] == c.dataset(done["result"]["dataset_id"])["hash"]
 
+    # The CLI reads the same results back (it talks to the API, never the database).
+    import os, subprocess, sys
+    env = dict(os.environ, NEWSLORA_API_URL=redis_pg_stack.url, NEWSLORA_HOME=str(redis_pg_stack.log_dir))
+    cli = [sys.executable, "-m", "api_client.cli"]
+    shown = subprocess.run(cli + ["eval", "show", str(ev["id"])], env=env, capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0 and "fine-tuned" in shown.stdout and "accuracy" in shown.stdout.lower(), shown.stderr
+    out = redis_pg_stack.log_dir / "cli-report"
+    rep = subprocess.run(cli + ["eval", "report", str(ev["id"]), "--out", str(out)], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert rep.returncode == 0 and (out / "report.html").exists(), rep.stderr
+    tree = subprocess.run(cli + ["jobs", "show", str(job["id"])], env=env, capture_output=True, text=True, timeout=120)
+    assert tree.returncode == 0 and "children:" in tree.stdout and "evaluate" in tree.stdout
+
     # The same spec again reuses the prepared dataset (no second prep job).
     again = c.wait(c.submit_pipeline(tiny_pipeline(tiny_model_dir, judge=None, generate_limit=0,
                                                    reuse_adapter=True))["id"], timeout=600)
