@@ -35,6 +35,7 @@ from workers.context import JobContext
 from workers.loaders import LoadedSource, PrepError, load_source
 from workers.prompts import default_instruction, split_prompt
 from workers.specs.prep import PrepSpec
+from workers.version import code_version
 
 __all__ = ["PrepError", "prepare_dataset", "load_records", "read_meta", "clean_text", "token_lengths",
            "SPLITS", "META_VERSION"]
@@ -424,14 +425,6 @@ def _replace_dir(tmp: Path, out_dir: Path) -> None:
         tmp.rename(out_dir)
 
 
-def _code_version() -> str:
-    try:
-        from workers.version import code_version
-        return code_version()
-    except ImportError:  # pragma: no cover - the module is optional for this function
-        return "unknown"
-
-
 # ---------------------------------------------------------------------------------------------------
 # The job
 # ---------------------------------------------------------------------------------------------------
@@ -536,7 +529,7 @@ def _meta(spec: PrepSpec, instruction: str, sources: dict[str, LoadedSource], ex
         "name": spec.name,
         "hash": None,  # sha256 over the split files' sha256s (see _write_artifact)
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "code_version": _code_version(),
+        "code_version": code_version(),
         "sources": {key: {**src.info, "rows_read": len(src.rows), "rows_kept": len(examples[key])}
                     for key, src in sources.items()},
         "label_names": list(spec.label_names),

@@ -101,9 +101,8 @@ def _run_classify(job: Job, spec, ctx: StoreContext) -> dict[str, Any]:
     adapter = None
     label_names, instruction, template = spec.label_names, spec.instruction, spec.template
     if spec.adapter_id is not None:
-        art = _adapter(spec.adapter_id)
-        adapter = AdapterRef(adapter_id=art.id, path=Path(art.path))
-        meta = json.loads((Path(art.path) / "newslora.json").read_text())
+        adapter_path, meta = _adapter_meta(spec.adapter_id)
+        adapter = AdapterRef(adapter_id=spec.adapter_id, path=adapter_path)
         label_names = label_names or meta.get("label_names")
         instruction = instruction or meta.get("instruction")
         template = template or meta.get("template")
