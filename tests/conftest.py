@@ -244,3 +244,16 @@ def redis_pg_stack(stack_factory, pg_url, redis_url):
     st.start_api()
     st.start_worker()
     return st
+
+
+def wait_status(client, job_id: int, statuses: tuple[str, ...], timeout: float = 60) -> dict:
+    """Poll a job until its status is one of `statuses`."""
+    import time
+    deadline = time.monotonic() + timeout
+    job = client.get(job_id)
+    while time.monotonic() < deadline:
+        job = client.get(job_id)
+        if job["status"] in statuses:
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} still {job['status']} after {timeout} s")

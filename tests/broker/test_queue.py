@@ -5,17 +5,9 @@ import time
 
 import pytest
 
+from tests.conftest import wait_status
+
 pytestmark = [pytest.mark.redis, pytest.mark.postgres]
-
-
-def _wait_status(client, job_id, statuses, timeout=60):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = client.get(job_id)
-        if job["status"] in statuses:
-            return job
-        time.sleep(0.2)
-    raise AssertionError(f"job {job_id} still {job['status']}")
 
 
 def test_job_runs_on_a_worker_and_is_read_back(redis_pg_stack):
@@ -40,12 +32,12 @@ def test_failed_job_records_its_error(redis_pg_stack):
 def test_cancel_a_queued_and_a_running_job(redis_pg_stack):
     c = redis_pg_stack.client()
     running = c.submit_noop(steps=400, sleep_s=0.05)
-    _wait_status(c, running["id"], ("running",))
+    wait_status(c, running["id"], ("running",))
     queued = c.submit_noop(steps=1)  # the only worker slot is busy: this one waits in the queue
     assert c.get(queued["id"])["status"] == "queued"
     assert c.cancel(queued["id"])["status"] == "cancelled"
     assert c.cancel(running["id"])["status"] == "running"  # stops at its next step boundary
-    job = _wait_status(c, running["id"], ("cancelled", "succeeded", "failed"), timeout=30)
+    job = wait_status(c, running["id"], ("cancelled", "succeeded", "failed"), timeout=30)
     assert job["status"] == "cancelled" and job["progress"] < 1.0
     # The cancelled queued job's message is dropped by the worker, not run.
     time.sleep(1.0)
@@ -64,7 +56,7 @@ def test_worker_killed_mid_task_job_is_redelivered_and_finished_once(redis_pg_st
     st = redis_pg_stack
     c = st.client()
     job = c.submit_noop(steps=30, sleep_s=0.2)
-    _wait_status(c, job["id"], ("running",))
+    wait_status(c, job["id"], ("running",))
     time.sleep(1.0)
     st.kill("worker")  # SIGKILL to the whole worker: no ack, no clean shutdown
     assert c.get(job["id"])["status"] == "running"

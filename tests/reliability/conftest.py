@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import wait_status  # noqa: F401 - re-exported for the tests here
+
 from tests.conftest import Stack, make_stack_env
 from tests.reliability.services import PostgresCluster, RedisServer
 
@@ -71,17 +73,6 @@ def rel_stack_factory(tmp_path, rel_db_url, rel_redis_url):
     yield make
     for st in stacks:
         st.stop()
-
-
-def wait_status(client, job_id: int, statuses: tuple[str, ...], timeout: float = 60) -> dict:
-    deadline = time.monotonic() + timeout
-    job = client.get(job_id)
-    while time.monotonic() < deadline:
-        job = client.get(job_id)
-        if job["status"] in statuses:
-            return job
-        time.sleep(0.2)
-    raise AssertionError(f"job {job_id} still {job['status']} after {timeout} s")
 
 
 def assert_no_secrets(stack: Stack, *texts: str) -> None:
