@@ -18,8 +18,9 @@ from workers.context import JobContext
 from workers.inference.engine import (AdapterError, AdapterMeta, AdapterRef, InferenceEngine, clear_engines,
                                       get_engine, read_adapter_meta)
 from workers.inference.items import InputFileError, load_items, read_text_strict
-from workers.inference.scoring import (LabelTokensError, encode_items, generate_batch, make_plan, parse_label,
-                                       score_batch, softmax_probs)
+from workers.modeling.codec import LabelTokensError, PromptCodec
+from workers.modeling.generation import generate, parse_label
+from workers.modeling.scoring import score_labels, softmax_probs
 from workers.specs.classify import ClassifySpec
 
 __all__ = ["classify_items", "load_items", "get_engine", "clear_engines", "InferenceEngine", "AdapterRef",
@@ -91,15 +92,17 @@ def classify_items(items: list[dict], *, engine: InferenceEngine, model_ref: str
     with engine.use(adapter) as key:
         if adapter is not None:
             _check_adapter_prompt(engine.adapter_meta(adapter), adapter, template, label_names, instruction, ctx)
-        plan = make_plan(engine.tokenizer, instruction=instruction, template=template, label_names=label_names)
-        generate = spec.mode == "generate"
-        reserve = spec.max_new_tokens if generate else plan.branch_len + 1
-        budget = engine.max_positions - len(plan.prefix_ids) - plan.tail_len - reserve
+        codec = PromptCodec.build(engine.tokenizer, instruction=instruction, template=template,
+                                  label_names=label_names)
+        generating = spec.mode == "generate"
+        if not generating:
+            codec.check_scorable()
+        budget = codec.article_budget(engine.max_positions,
+                                      reserve=spec.max_new_tokens if generating else codec.branch_len + 1)
         if spec.max_input_tokens is not None:
             budget = min(budget, spec.max_input_tokens)
-        encoded = encode_items(engine.tokenizer, plan, [it["text"] for it in todo], max_article_tokens=budget) \
-            if todo else []
-        prefix_kv = engine.prefix_kv(key, plan.prefix_ids) if todo and not generate else None
+        encoded = codec.bodies([it["text"] for it in todo], max_article_tokens=budget) if todo else []
+        prefix_kv = engine.prefix_kv(key, codec.prefix_ids) if todo and not generating else None
         # Length buckets: sorted by token length, so a batch pads to nearly its own length.
         order = sorted(range(len(todo)), key=lambda i: len(encoded[i].ids))
         bs = spec.batch_size
@@ -109,19 +112,19 @@ def classify_items(items: list[dict], *, engine: InferenceEngine, model_ref: str
             idx = order[b0:b0 + bs]
             seqs = [encoded[i].ids for i in idx]
             t0 = time.perf_counter()
-            if generate:
-                responses = generate_batch(engine, plan, seqs, max_new_tokens=spec.max_new_tokens,
-                                           temperature=spec.temperature, top_p=spec.top_p,
-                                           repetition_penalty=spec.repetition_penalty, seed=spec.seed)
+            if generating:
+                responses = generate(engine.model, engine.tokenizer, [codec.prefix_ids + s for s in seqs],
+                                     max_new_tokens=spec.max_new_tokens, temperature=spec.temperature,
+                                     top_p=spec.top_p, repetition_penalty=spec.repetition_penalty, seed=spec.seed)
             else:
-                loglik = score_batch(engine, plan, seqs, prefix_kv)  # (batch, n_labels)
+                loglik = score_labels(engine.model, codec, seqs, prefix_kv)  # (batch, n_labels)
             latency = (time.perf_counter() - t0) * 1000 / len(idx)
             rows = []
             for j, i in enumerate(idx):
                 it = todo[i]
                 flags = ["truncated"] if encoded[i].truncated else []
                 truncated += encoded[i].truncated
-                if generate:
+                if generating:
                     label = parse_label(responses[j], label_names)
                     if label is None:
                         flags.append("no_single_label")

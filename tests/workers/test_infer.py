@@ -11,9 +11,10 @@ import torch
 from workers.context import JobCancelled, LocalContext
 from workers.infer import (AdapterError, AdapterRef, InferenceEngine, InputFileError, classify_items, get_engine,
                            load_items, parse_label)
-from workers.inference.scoring import LabelTokensError, encode_items, make_plan, score_batch
+from workers.modeling.codec import LabelTokensError, PromptCodec
+from workers.modeling.scoring import score_labels
 from workers.models import model_digest
-from workers.prompts import default_instruction, render_prompt
+from workers.modeling.prompts import default_instruction, render_prompt
 from workers.specs.classify import ClassifySpec
 
 LABELS = ["World", "Sports", "Business", "Sci/Tech"]
@@ -63,12 +64,12 @@ def _naive_loglik(model, tok, text: str, plan) -> torch.Tensor:
 # ---------------------------------------------------------------- exactness of the fast path
 
 def test_prefix_cache_and_branches_match_full_forward(engine):
-    plan = make_plan(engine.tokenizer, instruction=INSTRUCTION, template="alpaca", label_names=LABELS)
+    plan = PromptCodec.build(engine.tokenizer, instruction=INSTRUCTION, template="alpaca", label_names=LABELS)
     assert plan.branch_len == sum(len(x) - 1 for x in plan.label_ids) > 0  # Sci/Tech is several tokens
-    enc = encode_items(engine.tokenizer, plan, TEXTS, max_article_tokens=500)
+    enc = plan.bodies(TEXTS, max_article_tokens=500)
     with engine.use(None) as key:
-        cached = score_batch(engine, plan, [e.ids for e in enc], engine.prefix_kv(key, plan.prefix_ids))
-        uncached = score_batch(engine, plan, [plan.prefix_ids + e.ids for e in enc], None)
+        cached = score_labels(engine.model, plan, [e.ids for e in enc], engine.prefix_kv(key, plan.prefix_ids))
+        uncached = score_labels(engine.model, plan, [plan.prefix_ids + e.ids for e in enc], None)
         naive = torch.stack([_naive_loglik(engine.model, engine.tokenizer, t, plan) for t in TEXTS])
     assert cached.shape == (len(TEXTS), len(LABELS))
     torch.testing.assert_close(cached, uncached, atol=1e-4, rtol=0)
@@ -76,8 +77,8 @@ def test_prefix_cache_and_branches_match_full_forward(engine):
 
 
 def test_item_tokens_equal_whole_prompt_tokenization(engine):
-    plan = make_plan(engine.tokenizer, instruction=INSTRUCTION, template="alpaca", label_names=LABELS)
-    enc = encode_items(engine.tokenizer, plan, TEXTS, max_article_tokens=500)
+    plan = PromptCodec.build(engine.tokenizer, instruction=INSTRUCTION, template="alpaca", label_names=LABELS)
+    enc = plan.bodies(TEXTS, max_article_tokens=500)
     for text, e in zip(TEXTS, enc):
         assert plan.prefix_ids + e.ids == engine.tokenizer(render_prompt(INSTRUCTION, text))["input_ids"]
         assert not e.truncated
@@ -190,7 +191,7 @@ def test_base_and_two_adapters_share_one_base_model(tiny_model_dir, adapters):
     torch.testing.assert_close(probs["base2"], probs["base"], atol=1e-5, rtol=0)
     torch.testing.assert_close(probs["a1again"], probs["a1"], atol=1e-5, rtol=0)
     # The adapter's prefix cache is its own: cached scores equal a full forward through the adapter.
-    plan = make_plan(engine.tokenizer, instruction=INSTRUCTION, template="alpaca", label_names=LABELS)
+    plan = PromptCodec.build(engine.tokenizer, instruction=INSTRUCTION, template="alpaca", label_names=LABELS)
     with engine.use(adapters[1]):
         naive = torch.softmax(torch.stack([_naive_loglik(engine.model, engine.tokenizer, t, plan)
                                            for t in TEXTS]), -1)
@@ -256,17 +257,18 @@ def test_long_text_is_truncated_never_the_template(engine):
     assert ctx.predictions["ok"]["flags"] == []
     summary, ctx = _classify(engine, items[:1])  # the model's context alone
     assert summary["truncated"] == 1 and ctx.predictions["long"]["label"] in LABELS
-    plan = make_plan(engine.tokenizer, instruction=INSTRUCTION, template="alpaca", label_names=LABELS)
-    enc = encode_items(engine.tokenizer, plan, [long_text], max_article_tokens=8)[0]
+    plan = PromptCodec.build(engine.tokenizer, instruction=INSTRUCTION, template="alpaca", label_names=LABELS)
+    enc = plan.bodies([long_text], max_article_tokens=8)[0]
     tail = engine.tokenizer(render_prompt(INSTRUCTION, "x"))["input_ids"][-plan.tail_len:]
     assert len(enc.ids) == 8 + plan.tail_len and enc.ids[-plan.tail_len:] == tail
 
 
 def test_labels_that_cannot_be_told_apart_are_refused(engine):
     with pytest.raises(LabelTokensError, match="prefix"):
-        make_plan(engine.tokenizer, instruction="x", template="alpaca", label_names=["Sci", "Sci/Tech"])
+        PromptCodec.build(engine.tokenizer, instruction="x", template="alpaca",
+                          label_names=["Sci", "Sci/Tech"]).check_scorable()
     with pytest.raises(LabelTokensError, match="repeats"):
-        make_plan(engine.tokenizer, instruction="x", template="alpaca", label_names=["A", "A"])
+        PromptCodec.build(engine.tokenizer, instruction="x", template="alpaca", label_names=["A", "A"])
 
 
 def test_resume_skips_done_items_after_a_cancel(engine):
@@ -351,7 +353,7 @@ def test_real_smollm2_classifies_ag_news_articles_exactly(smollm2_dir, ag_news_d
     engine = get_engine(str(smollm2_dir), dtype="fp32", device="cpu")
     summary, ctx = _classify(engine, items, model_ref="smollm2-135m", batch_size=4)
     assert summary["classified"] == 4 and summary["n_gold"] == 4
-    plan = make_plan(engine.tokenizer, instruction=INSTRUCTION, template="alpaca", label_names=labels)
+    plan = PromptCodec.build(engine.tokenizer, instruction=INSTRUCTION, template="alpaca", label_names=labels)
     with engine.use(None):
         naive = torch.softmax(torch.stack([_naive_loglik(engine.model, engine.tokenizer, it["text"].strip(), plan)
                                            for it in items]), -1)

@@ -8,13 +8,16 @@ import pytest
 import torch
 
 from workers.context import JobCancelled, LocalContext
-from workers.prompts import default_instruction, render_prompt
+from workers.modeling.prompts import default_instruction, render_prompt
 from workers.specs.train import LoraSpec, TrainSpec
 from workers.train import (DatasetNotPrepared, TrainingDiverged, TrainOutOfMemory, UnknownTargetModules,
                            train_adapter)
 from workers.train import peft_loop
 from workers.train.checkpoint import latest_checkpoint
-from workers.train.data import IGNORE, PromptEncoder, collate_scoring, collate_train
+from workers.modeling.codec import IGNORE, PromptCodec
+from workers.modeling.forward import prefix_kv
+from workers.modeling.scoring import score_labels
+from workers.train.data import collate_train
 
 LABELS = ["World", "Sports", "Business", "Sci/Tech"]
 
@@ -65,30 +68,32 @@ def adapter_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
 
 def test_labels_are_ignored_on_the_prompt_and_kept_on_the_response(tokenizer):
     instruction = default_instruction(LABELS)
-    enc = PromptEncoder(tokenizer, template="alpaca", instruction=instruction, label_names=LABELS, max_seq_len=256)
-    [ex] = enc.encode([{"id": "a", "input": "Stocks fell sharply on Wall Street.", "output": "Sci/Tech"}])
+    enc = PromptCodec.build(tokenizer, template="alpaca", instruction=instruction, label_names=LABELS)
+    [ex] = enc.examples([{"id": "a", "input": "Stocks fell sharply on Wall Street.", "output": "Sci/Tech"}],
+                        max_seq_len=256)
     prompt = render_prompt(instruction, "Stocks fell sharply on Wall Street.")
     assert ex.input_ids[:ex.prompt_len] == tokenizer(prompt)["input_ids"]
     assert ex.labels[:ex.prompt_len] == [IGNORE] * ex.prompt_len
     response = tokenizer(prompt + "Sci/Tech")["input_ids"][ex.prompt_len:] + [tokenizer.eos_token_id]
     assert len(response) == 4  # Sci / / / Tech + EOS
     assert ex.labels[ex.prompt_len:] == response == ex.input_ids[ex.prompt_len:]
-    [on_input] = enc.encode([{"id": "a", "input": "Stocks fell.", "output": "World"}], train_on_input=True)
+    [on_input] = enc.examples([{"id": "a", "input": "Stocks fell.", "output": "World"}], max_seq_len=256,
+                              train_on_input=True)
     assert on_input.labels == on_input.input_ids
 
 
 def test_truncation_cuts_the_article_never_the_template_or_label(tokenizer):
     instruction = default_instruction(LABELS)
-    enc = PromptEncoder(tokenizer, template="alpaca", instruction=instruction, label_names=LABELS, max_seq_len=100)
+    enc = PromptCodec.build(tokenizer, template="alpaca", instruction=instruction, label_names=LABELS)
     long_text = "Markets " * 300
-    [ex] = enc.encode([{"id": "a", "input": long_text, "output": "Business"}])
+    [ex] = enc.examples([{"id": "a", "input": long_text, "output": "Business"}], max_seq_len=100)
     assert ex.truncated
     assert len(ex.input_ids) <= 100
     text = tokenizer.decode(ex.input_ids)
     assert text.endswith("\n\n### Response:\nBusiness" + tokenizer.eos_token)
     assert text.startswith(render_prompt(instruction, "x")[:150]) and "### Input:\nMarkets Markets" in text
     with pytest.raises(ValueError, match="raise max_seq_len"):
-        PromptEncoder(tokenizer, template="alpaca", instruction=instruction, label_names=LABELS, max_seq_len=60)
+        enc.examples([{"id": "a", "input": long_text, "output": "Business"}], max_seq_len=60)
 
 
 # -- the shared-prefix forward equals the plain forward -------------------------------------------
@@ -108,11 +113,10 @@ def _tiny_peft(tiny_model_dir: Path):
 @pytest.mark.parametrize("train_on_input", [False, True])
 def test_shared_prefix_loss_equals_full_sequence_loss(tiny_model_dir, tokenizer, ag_news_dir, train_on_input):
     model = _tiny_peft(tiny_model_dir)
-    enc = PromptEncoder(tokenizer, template="alpaca", instruction=default_instruction(LABELS), label_names=LABELS,
-                        max_seq_len=128)
+    enc = PromptCodec.build(tokenizer, template="alpaca", instruction=default_instruction(LABELS), label_names=LABELS)
     rows = [json.loads(x) for x in (ag_news_dir / "train.jsonl").read_text().splitlines()[:5]]
-    examples = enc.encode([{"id": i, "input": r["text"], "output": LABELS[r["label"]]} for i, r in enumerate(rows)],
-                          train_on_input=train_on_input)
+    examples = enc.examples([{"id": i, "input": r["text"], "output": LABELS[r["label"]]} for i, r in enumerate(rows)],
+                            max_seq_len=128, train_on_input=train_on_input)
     batch = collate_train(examples, tokenizer.pad_token_id)
     with torch.no_grad():
         ours = peft_loop.batch_loss(model, batch) / batch.n_targets
@@ -129,11 +133,11 @@ def test_shared_prefix_loss_equals_full_sequence_loss(tiny_model_dir, tokenizer,
 
 def test_label_scores_equal_full_sequence_log_likelihoods(tiny_model_dir, tokenizer, ag_news_dir):
     model = _tiny_peft(tiny_model_dir)
-    enc = PromptEncoder(tokenizer, template="alpaca", instruction=default_instruction(LABELS), label_names=LABELS,
-                        max_seq_len=128)
+    enc = PromptCodec.build(tokenizer, template="alpaca", instruction=default_instruction(LABELS), label_names=LABELS)
     rows = [json.loads(x) for x in (ag_news_dir / "train.jsonl").read_text().splitlines()[:4]]
-    examples = enc.encode([{"id": i, "input": r["text"], "output": LABELS[r["label"]]} for i, r in enumerate(rows)])
-    scores = peft_loop.score_labels(model, collate_scoring(examples, tokenizer.pad_token_id), enc.label_ids)
+    examples = enc.examples([{"id": i, "input": r["text"], "output": LABELS[r["label"]]} for i, r in enumerate(rows)],
+                            max_seq_len=128)
+    scores = score_labels(model, enc, [e.body for e in examples], prefix_kv(model, enc.prefix_ids))
     for b, e in enumerate(examples):
         prompt = e.input_ids[:e.prompt_len]
         for li, ids in enumerate(enc.label_ids):

@@ -7,7 +7,6 @@ recently used first (`delete_adapter`), so switching adapters between jobs never
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import threading
 from collections import OrderedDict
@@ -15,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from workers.modeling.forward import prefix_kv
 from workers.models import load_model, model_digest, pick_device, pick_dtype, resolve_model
 
 ADAPTER_META_FILE = "newslora.json"
@@ -106,20 +106,8 @@ class InferenceEngine:
         self._adapters: OrderedDict[str, AdapterMeta] = OrderedDict()  # name -> meta, LRU order
         self._prefix_kv: OrderedDict[tuple, tuple] = OrderedDict()  # (adapter name, prefix ids) -> KV
         self.lock = threading.RLock()
-        params = inspect.signature(self.backbone.forward).parameters
-        # transformers >= 5.x renamed `past_key_values` to `cache` on the decoder's forward.
-        self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
 
     # ------------------------------------------------------------------ model parts
-
-    @property
-    def backbone(self):
-        """The decoder stack without the LM head (LlamaModel): hidden states out, final norm applied."""
-        return self.model.get_decoder()
-
-    @property
-    def lm_head(self):
-        return self.model.get_output_embeddings()
 
     @property
     def max_positions(self) -> int:
@@ -199,17 +187,11 @@ class InferenceEngine:
         Returns:
             tuple over layers of (keys, values), each (1, kv_heads, prefix_len, head_dim).
         """
-        import torch
         cache_key = (key, tuple(prefix_ids))
         if cache_key in self._prefix_kv:
             self._prefix_kv.move_to_end(cache_key)
             return self._prefix_kv[cache_key]
-        ids = torch.tensor([prefix_ids], device=self.device)  # (1, P)
-        with torch.inference_mode():
-            out = self.backbone(input_ids=ids, use_cache=True)
-        cache = getattr(out, "cache", None) or out.past_key_values
-        kv = tuple((layer.keys, layer.values) for layer in cache.layers)
-        self._prefix_kv[cache_key] = kv
+        kv = self._prefix_kv[cache_key] = prefix_kv(self.model, prefix_ids)
         while len(self._prefix_kv) > 2 * (self.max_adapters + 1):
             self._prefix_kv.popitem(last=False)
         return kv

@@ -15,9 +15,8 @@ from typing import Any, Sequence
 
 import torch
 
-from workers.prompts import split_prompt
+from workers.modeling.codec import IGNORE, Example
 
-IGNORE = -100  # label value that the loss skips (the Hugging Face convention)
 SPLIT_FILES = ("train.jsonl", "validation.jsonl", "meta.json")
 
 
@@ -77,97 +76,6 @@ def _read_jsonl(path: Path, hint: str) -> list[dict[str, Any]]:
     return rows
 
 
-@dataclass
-class Example:
-    """One tokenized record: the full sequence and its labels (Hugging Face layout, not shifted)."""
-
-    id: str
-    input_ids: list[int]  # prefix + article + tail + label + EOS
-    labels: list[int]  # IGNORE on prompt tokens unless train_on_input
-    prefix_len: int  # tokens of the shared prefix at the start of input_ids
-    prompt_len: int  # tokens before the response
-    label_index: int
-    truncated: bool
-
-
-class PromptEncoder:
-    """Tokenizes records exactly as inference does: the whole prompt at once, split by character offsets.
-
-    Args:
-        tokenizer: a fast tokenizer (offsets are needed to find the article's tokens).
-        template, instruction, label_names: from the dataset's meta.json.
-        max_seq_len: cap on prompt + label + EOS; the article is cut to fit, never the template or label.
-
-    Raises:
-        ValueError: max_seq_len leaves no room for the article, or a label tokenizes to nothing.
-    """
-
-    def __init__(self, tokenizer: Any, *, template: str, instruction: str, label_names: Sequence[str],
-                 max_seq_len: int) -> None:
-        self.tokenizer = tokenizer
-        self.label_names = list(label_names)
-        self.prefix_text, self.tail_text = split_prompt(instruction, "", template=template, tokenizer=tokenizer)
-        self.prefix_ids: list[int] = tokenizer(self.prefix_text, add_special_tokens=True)["input_ids"]
-        head = tokenizer(self.prefix_text + self.tail_text, add_special_tokens=True)["input_ids"]
-        self.eos_id = tokenizer.eos_token_id
-        # Labels as they follow the prompt (tokenized jointly with it), as inference scores them.
-        self.label_ids: list[list[int]] = []
-        for name in self.label_names:
-            full = tokenizer(self.prefix_text + self.tail_text + name, add_special_tokens=True)["input_ids"]
-            ids = full[len(head):] if full[:len(head)] == head else \
-                tokenizer(name, add_special_tokens=False)["input_ids"]
-            if not ids:
-                raise ValueError(f"label {name!r} tokenizes to nothing: rename it in the prep job")
-            self.label_ids.append(ids)
-        # The template's tail as it follows an article (alone after the prefix, newlines would merge).
-        probe = tokenizer(self.prefix_text + "A" + self.tail_text, add_special_tokens=True,
-                          return_offsets_mapping=True)
-        tail_from = len(self.prefix_text) + 1
-        self.tail_ids = [t for t, (s, _) in zip(probe["input_ids"], probe["offset_mapping"]) if s >= tail_from]
-        tail_len = len(self.tail_ids)
-        longest_response = max(len(ids) for ids in self.label_ids) + 1  # + EOS
-        self.max_article_tokens = max_seq_len - len(self.prefix_ids) - tail_len - longest_response
-        if self.max_article_tokens < 8:
-            raise ValueError(f"max_seq_len {max_seq_len} leaves {self.max_article_tokens} tokens for the article "
-                             f"(template {len(self.prefix_ids) + tail_len}, longest label + EOS "
-                             f"{longest_response}): raise max_seq_len to at least "
-                             f"{max_seq_len - self.max_article_tokens + 32}")
-
-    def prompt_ids(self, texts: Sequence[str]) -> list[tuple[list[int], bool]]:
-        """(per-item prompt tokens after the prefix: article cut to fit + tail, was it cut) for each text."""
-        plen = len(self.prefix_text)
-        P = len(self.prefix_ids)
-        prompts = [self.prefix_text + t + self.tail_text for t in texts]
-        enc = self.tokenizer(prompts, add_special_tokens=True, return_offsets_mapping=True)
-        out = []
-        for text, ids, offs in zip(texts, enc["input_ids"], enc["offset_mapping"]):
-            art_end = plen + len(text)
-            start = P if ids[:P] == self.prefix_ids else next(
-                (i for i, (s, _) in enumerate(offs) if s >= plen), len(ids))
-            tail_start = next((i for i in range(start, len(ids))
-                               if offs[i][0] >= art_end and offs[i][1] > offs[i][0]), len(ids))
-            article, tail = ids[start:tail_start], ids[tail_start:]
-            if len(article) > self.max_article_tokens:  # cut: the whole template tail follows, never a part
-                out.append((article[:self.max_article_tokens] + self.tail_ids, True))
-            else:
-                out.append((article + tail, False))
-        return out
-
-    def encode(self, records: Sequence[dict[str, Any]], *, train_on_input: bool = False) -> list[Example]:
-        """Tokenize records ({"id", "input", "output"}) into examples; the response is label + EOS."""
-        index = {name: i for i, name in enumerate(self.label_names)}
-        out = []
-        for n, (rec, (body, cut)) in enumerate(zip(records, self.prompt_ids([r["input"] for r in records]))):
-            li = index[rec["output"]]
-            response = self.label_ids[li] + [self.eos_id]
-            prompt = self.prefix_ids + body
-            labels = (list(prompt) if train_on_input else [IGNORE] * len(prompt)) + response
-            out.append(Example(id=str(rec.get("id", n)), input_ids=prompt + response, labels=labels,
-                               prefix_len=len(self.prefix_ids), prompt_len=len(prompt), label_index=li,
-                               truncated=cut))
-        return out
-
-
 def length_bucketed_batches(lengths: Sequence[int], batch_size: int, *, seed: int, epoch: int,
                             chunk_batches: int = 16) -> list[list[int]]:
     """One epoch's batches of example indices: shuffled, then sorted by length within chunks of
@@ -222,34 +130,3 @@ def collate_train(examples: Sequence[Example], pad_id: int) -> TrainBatch:
                       targets=shifted[:, P:].contiguous(),
                       prefix_targets=prefix_targets.contiguous() if bool((prefix_targets != IGNORE).any()) else None,
                       n_targets=n_targets, n_tokens=int(mask.sum()))
-
-
-@dataclass
-class ScoreBatch:
-    """Prompts (without responses) laid out for label scoring: bodies left-padded so every prompt ends in
-    the last column, then each multi-token label's tokens after the first, as a branch per row."""
-
-    prefix_ids: torch.Tensor  # (1, P)
-    input_ids: torch.Tensor  # (B, S) left-padded prompt bodies
-    attention_mask: torch.Tensor  # (B, P + S)
-    position_ids: torch.Tensor  # (B, S)
-    lengths: torch.Tensor  # (B,) body tokens of each row
-    gold: torch.Tensor  # (B,) label index
-
-
-def collate_scoring(examples: Sequence[Example], pad_id: int) -> ScoreBatch:
-    P = examples[0].prefix_len
-    bodies = [e.input_ids[P:e.prompt_len] for e in examples]
-    B, S = len(examples), max(len(b) for b in bodies)
-    ids = torch.full((B, S), pad_id, dtype=torch.long)
-    mask = torch.zeros((B, P + S), dtype=torch.long)
-    mask[:, :P] = 1
-    pos = torch.full((B, S), P, dtype=torch.long)
-    for r, body in enumerate(bodies):
-        n = len(body)
-        ids[r, S - n:] = torch.tensor(body)
-        mask[r, P + S - n:] = 1
-        pos[r, S - n:] = torch.arange(P, P + n)
-    return ScoreBatch(prefix_ids=torch.tensor([examples[0].input_ids[:P]]), input_ids=ids, attention_mask=mask,
-                      position_ids=pos, lengths=torch.tensor([len(b) for b in bodies]),
-                      gold=torch.tensor([e.label_index for e in examples]))

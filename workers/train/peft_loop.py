@@ -31,8 +31,10 @@ from workers.context import JobCancelled, JobContext
 from workers.specs.train import TrainSpec
 from workers.train.checkpoint import (check_compatible, latest_checkpoint, load_checkpoint, replace_dir_atomically,
                                       restore_rng_states, rng_states, save_checkpoint)
-from workers.train.data import (IGNORE, Example, PreparedDataset, PromptEncoder, ScoreBatch, TrainBatch,
-                                collate_scoring, collate_train, length_bucketed_batches, load_prepared)
+from workers.modeling.codec import IGNORE, Example, PromptCodec
+from workers.modeling.forward import lm_head_of, prefix_kv, shared_prefix_hidden
+from workers.modeling.scoring import score_labels
+from workers.train.data import PreparedDataset, TrainBatch, collate_train, length_bucketed_batches, load_prepared
 
 ADAPTER_META = "newslora.json"
 METRICS_FILE = "metrics.jsonl"
@@ -51,48 +53,8 @@ class TrainOutOfMemory(RuntimeError):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Forward passes on a PEFT-wrapped causal LM (Llama layout: .model is the decoder stack, .lm_head the head)
+# The training loss (the forward passes and label scoring live in workers/modeling/)
 # ---------------------------------------------------------------------------------------------------
-
-def _decoder(model: Any) -> Any:
-    return model.get_base_model().model
-
-
-def _lm_head(model: Any) -> Any:
-    return model.get_base_model().lm_head
-
-
-def shared_prefix_hidden(model: Any, prefix_ids: torch.Tensor, input_ids: torch.Tensor,
-                         attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None
-                         ) -> tuple[torch.Tensor, torch.Tensor, Any]:
-    """Run the prefix once, then every row's tokens on top of its keys/values.
-
-    Args:
-        prefix_ids: (1, P); input_ids: (B, S); attention_mask: (B, P + S); position_ids: (B, S) or None
-            (then P .. P + S - 1).
-
-    Returns:
-        (prefix hidden (1, P, H), row hidden (B, S, H), the cache holding P + S keys/values per row).
-    """
-    decoder = _decoder(model)
-    out = decoder(input_ids=prefix_ids, use_cache=True)
-    cache = _returned_cache(out)
-    cache.batch_repeat_interleave(input_ids.shape[0])  # (1, kv, P, d) -> (B, kv, P, d), differentiable
-    rows = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   use_cache=True, **{_cache_kwarg(decoder): cache})
-    return out.last_hidden_state, rows.last_hidden_state, cache
-
-
-def _cache_kwarg(decoder: Any) -> str:
-    """transformers >= 5.2x calls the key/value cache argument `cache`; earlier 5.x `past_key_values`."""
-    import inspect
-    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
-
-
-def _returned_cache(out: Any) -> Any:
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else out.past_key_values
-
 
 def batch_loss(model: Any, batch: TrainBatch) -> torch.Tensor:
     """Summed cross-entropy over the batch's targets, the LM head applied only where there is a target."""
@@ -103,41 +65,8 @@ def batch_loss(model: Any, batch: TrainBatch) -> torch.Tensor:
         pkeep = batch.prefix_targets != IGNORE  # (B, P)
         hidden = torch.cat([prefix_h.expand(len(pkeep), -1, -1)[pkeep], hidden])
         targets = torch.cat([batch.prefix_targets[pkeep], targets])
-    logits = _lm_head(model)(hidden).float()  # (N, V)
+    logits = lm_head_of(model)(hidden).float()  # (N, V)
     return F.cross_entropy(logits, targets, reduction="sum")
-
-
-@torch.no_grad()
-def score_labels(model: Any, batch: ScoreBatch, label_ids: Sequence[Sequence[int]]) -> torch.Tensor:
-    """Log-likelihood of each label's tokens after each prompt: (B, L). Argmax over L is the prediction."""
-    B, S = batch.input_ids.shape
-    P = batch.prefix_ids.shape[1]
-    _, h, cache = shared_prefix_hidden(model, batch.prefix_ids, batch.input_ids, batch.attention_mask,
-                                       batch.position_ids)
-    head = _lm_head(model)
-    first = torch.log_softmax(head(h[:, -1]).float(), dim=-1)  # (B, V): prompts end in the last column
-    scores = first[:, [ids[0] for ids in label_ids]].clone()  # (B, L)
-    multi = [li for li, ids in enumerate(label_ids) if len(ids) > 1]
-    if multi:
-        # Each multi-token label's tokens but the last, as a branch after every prompt: (B * M, K).
-        M, K = len(multi), max(len(label_ids[li]) - 1 for li in multi)
-        cache.batch_repeat_interleave(M)
-        branch = torch.zeros((B * M, K), dtype=torch.long, device=h.device)
-        bmask = torch.zeros((B * M, K), dtype=torch.long, device=h.device)
-        pos = (P + batch.lengths.to(h.device)).repeat_interleave(M)[:, None] + torch.arange(K, device=h.device)
-        for j, li in enumerate(multi):
-            toks = torch.tensor(label_ids[li][:-1], device=h.device)
-            branch[j::M, :len(toks)] = toks
-            bmask[j::M, :len(toks)] = 1
-        mask = torch.cat([batch.attention_mask.repeat_interleave(M, dim=0), bmask], dim=1)  # (B*M, P+S+K)
-        decoder = _decoder(model)
-        hb = decoder(input_ids=branch, attention_mask=mask, position_ids=pos, use_cache=True,
-                     **{_cache_kwarg(decoder): cache}).last_hidden_state  # (B*M, K, H)
-        logp = torch.log_softmax(head(hb).float(), dim=-1)  # (B*M, K, V)
-        for j, li in enumerate(multi):
-            nxt = torch.tensor(label_ids[li][1:], device=h.device)  # (k-1,)
-            scores[:, li] += logp[j::M, torch.arange(len(nxt)), nxt].sum(dim=1)
-    return scores
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -219,13 +148,14 @@ class PeftLoraTrainer:
         from workers.models import load_tokenizer
         return load_tokenizer(self.model_dir)
 
-    def _setup_encoder(self) -> PromptEncoder:
+    def _setup_encoder(self) -> PromptCodec:
         meta = self.data.meta
-        return PromptEncoder(self.tokenizer, template=meta["template"], instruction=meta["instruction"],
-                             label_names=meta["label_names"], max_seq_len=self.spec.max_seq_len)
+        return PromptCodec.build(self.tokenizer, template=meta["template"], instruction=meta["instruction"],
+                                 label_names=meta["label_names"])
 
     def _setup_examples(self, records: list[dict[str, Any]], split: str) -> list[Example]:
-        examples = self.encoder.encode(records, train_on_input=self.spec.train_on_input)
+        examples = self.encoder.examples(records, max_seq_len=self.spec.max_seq_len,
+                                         train_on_input=self.spec.train_on_input)
         cut = sum(e.truncated for e in examples)
         if cut:
             self.ctx.event(f"{split}: {cut} of {len(examples)} articles cut to fit max_seq_len "
@@ -462,7 +392,11 @@ class PeftLoraTrainer:
         started = time.perf_counter()
         val_loss, accuracy = self.evaluate(self.val_examples)
         row = {"step": self.step, "val_loss": round(val_loss, 5), "val_accuracy": round(accuracy, 5),
-               "val_items": len(self.val_examples), "eval_s": round(time.perf_counter() - started, 2)}
+               "val_items": len(self.val_examples), "eval_s": round(time.perf_counter() - started, 2),
+               # time to accuracy: training seconds so far (optimizer steps over all resumed sessions,
+               # validation excluded) and this session's wall time (validation and checkpoints included)
+               "train_s": round(self.train_seconds, 2),
+               "wall_s": round(time.perf_counter() - self._session_start, 2)}
         self.history.append(row)
         self.last_eval_step = self.step
         self._append_metrics({"type": "eval", **row})
@@ -481,7 +415,7 @@ class PeftLoraTrainer:
     def evaluate(self, examples: Sequence[Example], batch_size: int = 16) -> tuple[float, float]:
         """(mean loss per target token, label-scoring accuracy) over examples."""
         self.model.eval()
-        loss_sum, n_targets, correct = 0.0, 0, 0
+        loss_sum, n_targets = 0.0, 0
         order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
         try:
             for s in range(0, len(order), batch_size):
@@ -490,12 +424,31 @@ class PeftLoraTrainer:
                     tb = self._to_device(collate_train(chunk, self.tokenizer.pad_token_id))
                     loss_sum += batch_loss(self.model, tb).item()
                     n_targets += tb.n_targets
-                    sb = self._to_device(collate_scoring(chunk, self.tokenizer.pad_token_id))
-                    scores = score_labels(self.model, sb, self.encoder.label_ids)
-                correct += int((scores.argmax(dim=1) == sb.gold).sum())
+            predicted = self.predict(examples, batch_size=batch_size)
         finally:
             self.model.train()
+        correct = sum(p == e.label_index for p, e in zip(predicted, examples))
         return loss_sum / max(1, n_targets), correct / len(examples)
+
+    @torch.no_grad()
+    def predict(self, examples: Sequence[Example], batch_size: int = 16) -> list[int]:
+        """The label index each example's prompt scores highest, through the classifier's own scoring
+        (`workers.modeling.scoring.score_labels`), so validation accuracy is a classify job's accuracy."""
+        was_training = self.model.training
+        self.model.eval()
+        out: list[int] = [0] * len(examples)
+        order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+        try:
+            with self._compute():
+                kv = prefix_kv(self.model, self.encoder.prefix_ids)
+                for s in range(0, len(order), batch_size):
+                    idx = order[s:s + batch_size]
+                    scores = score_labels(self.model, self.encoder, [examples[i].body for i in idx], kv)
+                    for i, p in zip(idx, scores.argmax(dim=1).tolist()):
+                        out[i] = p
+        finally:
+            self.model.train(was_training)
+        return out
 
     def _maybe_checkpoint(self) -> None:
         if self.step % self.spec.save_every == 0:

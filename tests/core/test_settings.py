@@ -1,6 +1,6 @@
 from pathlib import Path
 
-from broker.settings import Settings
+from core.settings import Settings
 
 
 def test_home_defaults_to_dot_newslora_not_home(monkeypatch):

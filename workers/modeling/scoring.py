@@ -1,0 +1,92 @@
+"""Label scoring: every label's log-likelihood after each prompt, in one forward pass per batch.
+
+The pass runs over each item's body on top of the shared prefix's key/value cache (computed once per
+model, adapter and prefix: `workers.modeling.forward.prefix_kv`), with every multi-token label's
+continuation appended to the same pass under a custom attention mask, and applies the LM head only at
+the few positions whose next token is a label token. Training validation and classification both
+call `score_labels`, so validation accuracy and a classify job's accuracy are one computation.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from workers.modeling.codec import PromptCodec
+from workers.modeling.forward import cache_kwarg, decoder_of, expanded_cache, lm_head_of
+
+
+def score_labels(model: Any, codec: PromptCodec, seqs: Sequence[Sequence[int]], prefix_kv: tuple | None, *,
+                 pad_id: int | None = None) -> torch.Tensor:
+    """Log-likelihood of every label's token sequence after each item's prompt, one forward pass.
+
+    Args:
+        model: the causal LM (plain or PEFT-wrapped), with the weights to score under active.
+        seqs: per-item prompt tokens after the shared prefix (the whole prompt when `prefix_kv` is None).
+        prefix_kv: the shared prefix's per-layer KV (`forward.prefix_kv`), or None.
+
+    Returns:
+        float32 tensor (batch, n_labels) on the CPU: sum over each label's tokens of
+        log p(token | prompt, earlier tokens).
+    """
+    decoder, head = decoder_of(model), lm_head_of(model)
+    device = head.weight.device
+    pad_id = codec.tokenizer.pad_token_id if pad_id is None else pad_id
+    B = len(seqs)
+    P = len(codec.prefix_ids) if prefix_kv is not None else 0
+    Bt = codec.branch_len
+    lens = torch.tensor([len(s) for s in seqs], device=device)  # (B,)
+    S = int(lens.max())
+    Q = S + Bt
+    # Rows are left-padded so that every item's last prompt token sits in column S-1 and the
+    # label branches (identical for all items) in columns S..Q-1.
+    ids = torch.full((B, Q), pad_id, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, S - len(s):S] = torch.tensor(list(s), dtype=torch.long)
+    if Bt:
+        ids[:, S:] = torch.tensor([t for lab in codec.label_ids for t in lab[:-1]], dtype=torch.long)
+    ids = ids.to(device)
+
+    col = torch.arange(Q, device=device)
+    pad = (S - lens).unsqueeze(1)  # (B, 1) number of pad columns per row
+    real = col.unsqueeze(0) >= pad  # (B, Q) key column holds a real token
+    # Branch id of each column: -1 for prompt columns, b for label b's branch tokens.
+    branch_of = torch.full((Q,), -1, device=device, dtype=torch.long)
+    branch_step = torch.zeros(Q, device=device, dtype=torch.long)
+    c = S
+    for b, lab in enumerate(codec.label_ids):
+        n = len(lab) - 1
+        branch_of[c:c + n] = b
+        branch_step[c:c + n] = torch.arange(n, device=device)
+        c += n
+    # Position ids: prompt tokens count on from the prefix; branch token j sits at prompt end + j.
+    pos = torch.where(col.unsqueeze(0) < S, P + col.unsqueeze(0) - pad,
+                      P + lens.unsqueeze(1) + branch_step.unsqueeze(0)).clamp(min=0)  # (B, Q)
+
+    q_br, k_br = branch_of.view(Q, 1), branch_of.view(1, Q)
+    causal = col.view(1, Q) <= col.view(Q, 1)  # (Q, Q) key column <= query column
+    # A query sees earlier real prompt columns, plus earlier columns of its own branch.
+    visible = causal & ((k_br == -1) | (k_br == q_br))  # (Q, Q)
+    mask = visible.unsqueeze(0) & real.unsqueeze(1)  # (B, Q, Q)
+    mask = mask | torch.eye(Q, dtype=torch.bool, device=device).unsqueeze(0)  # pad rows see themselves: no NaN
+    if P:
+        mask = torch.cat([torch.ones(B, Q, P, dtype=torch.bool, device=device), mask], dim=2)  # (B, Q, P+Q)
+    mask = mask.unsqueeze(1)  # (B, 1, Q, P+Q)
+
+    kwargs = {cache_kwarg(decoder): expanded_cache(prefix_kv, B)}
+    with torch.inference_mode():
+        hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=P > 0,
+                         **kwargs).last_hidden_state  # (B, Q, H)
+        needed = hidden[:, S - 1:]  # (B, 1 + Bt, H): last prompt token, then the branch tokens
+        logp = torch.log_softmax(head(needed).float(), dim=-1)  # (B, 1 + Bt, V)
+        terms = logp[:, torch.tensor(codec.term_pos, device=device),
+                     torch.tensor(codec.term_tok, device=device)]  # (B, n_terms)
+        loglik = torch.zeros(B, len(codec.label_ids), device=device)
+        loglik.index_add_(1, torch.tensor(codec.term_label, device=device), terms)  # (B, n_labels)
+    return loglik.cpu()
+
+
+def softmax_probs(loglik_row: torch.Tensor, label_names: Sequence[str]) -> dict[str, float]:
+    """The label distribution of one row of `score_labels` (normalised over the labels only)."""
+    p = torch.softmax(loglik_row, dim=-1)
+    return {name: float(v) for name, v in zip(label_names, p)}
