@@ -25,8 +25,22 @@ install: $(VENV)/.installed
 install-torchtune:
 	bash scripts/setup_torchtune_env.sh
 
+# Without the shared copy of AG News, the demo reads it from the Hugging Face hub (the preset's hub id).
+AG_NEWS_HUB := prep.train.path=fancyzhx/ag_news prep.test.path=fancyzhx/ag_news
+
 demo: install
-	$(VENV)/bin/newslora run configs/agnews-smollm2-quick.yaml data_dir=$(DATA)
+	@if [ -f "$(DATA)/train.jsonl" ] && [ -f "$(DATA)/test.csv" ]; then \
+	  echo "make demo: AG News from $(DATA)"; \
+	  $(VENV)/bin/newslora run configs/agnews-smollm2-quick.yaml data_dir=$(DATA); \
+	else \
+	  echo "make demo: $(DATA) has no train.jsonl and test.csv, so AG News comes from the Hugging Face hub"; \
+	  echo "  (fancyzhx/ag_news, downloaded once into ~/.cache/huggingface). Offline, put these in $(DATA)"; \
+	  echo "  (or any folder, then make demo DATA=that/folder):"; \
+	  echo "    train.jsonl  one {\"text\": ..., \"label\": 0-3} object a line (0 World, 1 Sports, 2 Business, 3 Sci/Tech)"; \
+	  echo "    test.csv     the original AG News test CSV (class 1-4, title, description; no header)"; \
+	  echo "    classes.txt  World, Sports, Business, Sci/Tech, one a line (beside test.csv)"; \
+	  $(VENV)/bin/newslora run configs/agnews-smollm2-quick.yaml $(AG_NEWS_HUB); \
+	fi
 
 services:
 	bash scripts/start_services.sh

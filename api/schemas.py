@@ -1,26 +1,75 @@
 """Request and response bodies of the HTTP API."""
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Any
+from datetime import datetime, timezone
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+
+from workers.specs import SPECS
+
+# The kinds of job there are: one per spec model in workers.specs.SPECS, the one list of them.
+JobKind = Literal[tuple(SPECS)]  # type: ignore[valid-type]
+# A job's life: queued -> running -> one of the last three (db.models.JOB_STATUSES).
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+# Row ids are INTEGER columns: 32-bit on PostgreSQL (64 on SQLite), so a bigger id is refused (422), never
+# sent to the store (an overflow there was a 500). Offsets are 64-bit on both (SQLite, PostgreSQL BIGINT).
+MAX_ID = 2**31 - 1
+MAX_OFFSET = 2**63 - 1
+# An idempotency key: printable text (the same rule as the `Idempotency-Key` header), at most the column's width.
+IDEMPOTENCY_KEY_PATTERN = r"^[^\x00-\x1f\x7f]+$"
+
+
+def _known_kind(kind: Any) -> Any:
+    """Refuse an unknown kind with the list of known ones (the enum's own message lists them less plainly)."""
+    if isinstance(kind, str) and kind not in get_args(JobKind):
+        raise ValueError(f"unknown job kind {kind!r}: use one of {', '.join(get_args(JobKind))}")
+    return kind
+
+
+def _as_utc(t: datetime) -> datetime:
+    """The store keeps naive UTC (db.models.utcnow): say so, so every time is RFC 3339 with its offset."""
+    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+
+
+UtcTime = Annotated[datetime, AfterValidator(_as_utc)]
 
 
 class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    kind: str = Field(description="noop, prep, train, classify, judge, evaluate or pipeline")
-    spec: dict[str, Any] = Field(default_factory=dict)
-    idempotency_key: str | None = Field(default=None, min_length=1, max_length=200)
-    parent_id: int | None = None
+    kind: Annotated[JobKind, BeforeValidator(_known_kind)] = Field(
+        description="Which job to run; `spec` is validated against that kind's spec.")
+    spec: dict[str, Any] = Field(default_factory=dict,
+                                 description="The kind's settings; a bad one is answered 422 naming each field.")
+    idempotency_key: str | None = Field(
+        default=None, min_length=1, max_length=200, pattern=IDEMPOTENCY_KEY_PATTERN,
+        description="Same as the `Idempotency-Key` header: a key reused with the same submission returns the "
+                    "first job (200); with a different one, 409.")
+    parent_id: int | None = Field(default=None, ge=1, le=MAX_ID)
+
+
+class ErrorOut(BaseModel):
+    """The body of every error but 422: what went wrong, in one sentence."""
+    detail: str
+
+
+class FieldError(BaseModel):
+    loc: list[str | int] = Field(description="Where: e.g. [\"body\", \"spec\"], or a spec field's path.")
+    msg: str
+    type: str
+
+
+class ValidationErrorOut(BaseModel):
+    """The body of every 422: one entry per bad field (never the input itself)."""
+    detail: list[FieldError]
 
 
 class JobOut(BaseModel):
     model_config = ConfigDict(from_attributes=True)
     id: int
-    kind: str
+    kind: JobKind
     queue: str
-    status: str
+    status: JobStatus
     spec: dict[str, Any]
     result: dict[str, Any] | None
     progress: float
@@ -31,9 +80,9 @@ class JobOut(BaseModel):
     cancel_requested: bool
     attempts: int
     code_version: str | None
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
+    created_at: UtcTime
+    started_at: UtcTime | None
+    finished_at: UtcTime | None
     children: list[int] = Field(default_factory=list)
 
 
@@ -48,7 +97,7 @@ class EventOut(BaseModel):
     model_config = ConfigDict(from_attributes=True)
     id: int
     job_id: int
-    time: datetime
+    time: UtcTime
     level: str
     message: str
     metrics: dict[str, Any] | None
@@ -86,7 +135,7 @@ class DatasetOut(BaseModel):
     hash: str
     spec: dict[str, Any]
     meta: dict[str, Any]
-    created_at: datetime
+    created_at: UtcTime
 
 
 class ModelOut(BaseModel):
@@ -103,7 +152,7 @@ class ModelOut(BaseModel):
     dataset_hash: str | None
     metrics: dict[str, Any] | None
     code_version: str | None
-    created_at: datetime
+    created_at: UtcTime
 
 
 class EvaluationOut(BaseModel):
@@ -114,7 +163,7 @@ class EvaluationOut(BaseModel):
     spec: dict[str, Any]
     document: dict[str, Any]
     report_path: str | None
-    created_at: datetime
+    created_at: UtcTime
 
 
 class EvaluationList(BaseModel):

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from api_client.client import TERMINAL, ApiError, Client, WaitTimeout
+from api_client.pipeline_config import ConfigError, apply_overrides, load_pipeline_config
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -37,33 +38,46 @@ def _client(args: argparse.Namespace) -> Client:
     return Client()
 
 
-# ---------------------------------------------------------------- key=value overrides
+# ---------------------------------------------------------------- arguments and errors
 
-def parse_value(raw: str) -> Any:
-    """'3' -> 3, 'true' -> True, '[a, b]' -> ['a', 'b'], 'null' -> None; anything else stays a string."""
-    import yaml
-    try:
-        return yaml.safe_load(raw)
-    except yaml.YAMLError:
-        return raw
+class _IntermixedParser(argparse.ArgumentParser):
+    """A subcommand's parser: `key=value` overrides may come before, between or after its options
+    (`newslora prep FILE --name x key=value`), as with argparse's parse_intermixed_args."""
+
+    _parsing = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._parsing:  # parse_known_intermixed_args calls back in here, twice
+            return super().parse_known_args(args, namespace)
+        self._parsing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._parsing = False
 
 
-def apply_overrides(spec: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `a.b.c=value` overrides to a nested dict (in place; returns it)."""
-    for item in overrides:
-        if "=" not in item:
-            raise SystemExit(f"newslora: override {item!r} is not key=value (e.g. train.max_steps=20)")
-        key, raw = item.split("=", 1)
-        node = spec
-        parts = key.split(".")
-        for p in parts[:-1]:
-            if node.get(p) is None:
-                node[p] = {}
-            node = node[p]
-            if not isinstance(node, dict):
-                raise SystemExit(f"newslora: cannot set {key}: {p} is not a mapping")
-        node[parts[-1]] = parse_value(raw)
-    return spec
+def _spec_model(kind: str | None):
+    from workers.specs import SPECS
+    return SPECS.get(kind or "")
+
+
+def _print_usage_error(e: ConfigError) -> int:
+    for line in str(e).splitlines():
+        print(f"newslora: {line}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _print_api_error(e: ApiError, kind: str | None) -> int:
+    """An API error on stderr: a 422's validation errors one `field: message` line each, never raw JSON."""
+    from workers.specs.keys import error_lines
+    status = f" (HTTP {e.status})" if e.status else ""
+    if isinstance(e.detail, list) and all(isinstance(d, dict) for d in e.detail):
+        for line in error_lines(e.detail, _spec_model(kind)):
+            print(f"newslora: {line}{status}", file=sys.stderr)
+    else:
+        detail = e.detail if isinstance(e.detail, str) else json.dumps(e.detail)
+        print(f"newslora: {detail}{status}", file=sys.stderr)
+    return EXIT_API
 
 
 # ---------------------------------------------------------------- display
@@ -152,6 +166,7 @@ def cmd_up(args) -> int:
     if args.foreground:
         import subprocess
         procs = [subprocess.Popen(c) for c in embedded.commands().values()]
+        print(f"dashboard: {embedded.dashboard_url()}", flush=True)
         try:
             for p in procs:
                 p.wait()
@@ -160,7 +175,9 @@ def cmd_up(args) -> int:
                 p.terminate()
         return 0
     embedded.start()
-    print(f"newslora is up: API {Client().base_url}, worker on queues cpu,gpu")
+    base = Client().base_url
+    print(f"newslora is up: API {base}, worker on queues cpu,gpu")
+    print(f"dashboard: {embedded.dashboard_url(base)}")
     return 0
 
 
@@ -200,7 +217,7 @@ def _submit_and_follow(client: Client, kind: str, spec: dict[str, Any], args) ->
 
 def cmd_submit(args) -> int:
     spec = _load_spec(args.spec)
-    apply_overrides(spec, args.overrides)
+    apply_overrides(spec, args.overrides, _spec_model(args.kind))
     return _submit_and_follow(_client(args), args.kind, spec, args)
 
 
@@ -261,7 +278,7 @@ def cmd_prep(args) -> int:
         spec["tokenizer"] = args.tokenizer
     if args.skip_bad_rows:
         spec["on_bad_rows"] = "skip"
-    apply_overrides(spec, args.overrides)
+    apply_overrides(spec, args.overrides, _spec_model("prep"))
     return _submit_and_follow(_client(args), "prep", spec, args)
 
 
@@ -274,11 +291,13 @@ def _source(path: str) -> dict[str, Any]:
 
 def cmd_train(args) -> int:
     spec: dict[str, Any] = {"dataset_id": args.dataset, "model": args.model, "backend": args.backend}
-    apply_overrides(spec, args.overrides)
+    apply_overrides(spec, args.overrides, _spec_model("train"))
     return _submit_and_follow(_client(args), "train", spec, args)
 
 
 def cmd_classify(args) -> int:
+    if args.file and "=" in args.file and not Path(args.file).expanduser().exists():
+        args.overrides, args.file = [args.file, *args.overrides], None  # `--text '...' key=value`: no file
     spec: dict[str, Any] = {"model": args.model, "mode": args.mode}
     if args.adapter:
         spec["adapter_id"] = args.adapter
@@ -288,7 +307,7 @@ def cmd_classify(args) -> int:
         spec["input_file"] = str(Path(args.file).expanduser().resolve())
     else:
         raise SystemExit("newslora classify: give a file (JSONL or CSV) or --text '...'")
-    apply_overrides(spec, args.overrides)
+    apply_overrides(spec, args.overrides, _spec_model("classify"))
     client = _client(args)
     rc = _submit_and_follow(client, "classify", spec, args) if args.text is None else None
     if args.text is not None:
@@ -327,6 +346,33 @@ def cmd_predictions(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    spec: dict[str, Any] = {"adapter_id": args.adapter, "format": args.format}
+    if args.quant:
+        spec["quant"] = args.quant
+    apply_overrides(spec, args.overrides)
+    client = _client(args)
+    rc = _submit_and_follow(client, "export", spec, args)
+    if rc == 0 and args.download and not args.no_wait:
+        export_id = client.exports(args.adapter)[0]["id"]
+        print(f"downloaded {client.download_export(export_id, args.download, extract=True)}", file=sys.stderr)
+    return rc
+
+
+def cmd_exports(args) -> int:
+    client = _client(args)
+    if args.action == "list":
+        for e in client.exports(args.id):
+            v = (e.get("metrics") or {}).get("verification") or {}
+            print(json.dumps({"id": e["id"], "name": e["name"], "path": e["path"], "created_at": e["created_at"],
+                              "agreement": v.get("agreement"), "n": v.get("n"),
+                              "export_accuracy": v.get("export_accuracy"),
+                              "adapter_accuracy": v.get("adapter_accuracy")}, default=str))
+        return 0
+    print(client.download_export(args.id, args.out, extract=not args.archive))
+    return 0
+
+
 def cmd_list_simple(args) -> int:
     client = _client(args)
     rows = client.datasets() if args.what == "datasets" else client.models()
@@ -361,15 +407,11 @@ def cmd_eval(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from api_client.pipeline_config import ConfigError, load_pipeline_config
-    try:
-        spec = load_pipeline_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"newslora: {e}", file=sys.stderr)
-        return EXIT_USAGE
+    spec = load_pipeline_config(args.config, args.overrides)  # every stage checked before anything starts
     client = _client(args)
     job = client.submit("pipeline", spec, idempotency_key=args.key)
-    print(f"submitted pipeline job {job['id']} ({args.config})", file=sys.stderr)
+    print(f"submitted pipeline job {job['id']} ({args.config}); watch it at "
+          f"{client.base_url}/dashboard/jobs/{job['id']}", file=sys.stderr)
     if args.no_wait:
         print(job["id"])
         return 0
@@ -391,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="newslora", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--no-start", action="store_true", help="do not start the embedded API/worker")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_IntermixedParser)
 
     up = sub.add_parser("up", help="start the embedded API and worker")
     up.add_argument("--foreground", action="store_true")
@@ -414,7 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     sm = sub.add_parser("submit", help="submit any job kind with a JSON/YAML spec")
     sm.add_argument("kind")
     sm.add_argument("--spec", help="JSON, or @file.yaml")
-    sm.add_argument("overrides", nargs="*", help="key=value")
+    sm.add_argument("overrides", nargs="*", default=[], help="key=value")
     follow_opts(sm)
     sm.set_defaults(func=cmd_submit)
 
@@ -436,7 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--max-per-class", type=int)
     prep.add_argument("--tokenizer", help="model for token-length percentiles (e.g. smollm2-135m)")
     prep.add_argument("--skip-bad-rows", action="store_true")
-    prep.add_argument("overrides", nargs="*", help="key=value (PrepSpec fields)")
+    prep.add_argument("overrides", nargs="*", default=[], help="key=value (PrepSpec fields)")
     follow_opts(prep)
     prep.set_defaults(func=cmd_prep)
 
@@ -444,7 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--dataset", type=int, required=True)
     tr.add_argument("--model", default="smollm2-135m")
     tr.add_argument("--backend", default="peft", choices=["peft", "torchtune"])
-    tr.add_argument("overrides", nargs="*", help="key=value (TrainSpec fields)")
+    tr.add_argument("overrides", nargs="*", default=[], help="key=value (TrainSpec fields)")
     follow_opts(tr)
     tr.set_defaults(func=cmd_train)
 
@@ -465,6 +507,22 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--limit", type=int, default=50)
     pr.set_defaults(func=cmd_predictions)
 
+    ex = sub.add_parser("export", help="export an adapter: its PEFT folder, a merged checkpoint, or GGUF + Modelfile")
+    ex.add_argument("adapter", type=int, help="adapter id (`newslora models list`)")
+    ex.add_argument("--format", default="gguf", choices=["peft", "merged", "gguf"])
+    ex.add_argument("--quant", choices=["f16", "q8_0"], help="gguf only (default f16)")
+    ex.add_argument("--download", metavar="DIR", help="when it succeeds, download and unpack it into DIR")
+    ex.add_argument("overrides", nargs="*", default=[], help="key=value (ExportSpec fields, e.g. verify_samples=100)")
+    follow_opts(ex)
+    ex.set_defaults(func=cmd_export)
+
+    exs = sub.add_parser("exports", help="an adapter's exports; download one (tar.gz through the API)")
+    exs.add_argument("action", choices=["list", "download"])
+    exs.add_argument("id", type=int, help="list: the adapter id; download: the export id")
+    exs.add_argument("--out", default=".", help="download: folder to write into")
+    exs.add_argument("--archive", action="store_true", help="download: keep the tar.gz, do not unpack it")
+    exs.set_defaults(func=cmd_exports)
+
     for what in ("datasets", "models"):
         sp = sub.add_parser(what, help=f"list {what}")
         sp.add_argument("action", choices=["list"])
@@ -478,7 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="the main job from a preset in configs/")
     run.add_argument("config", help="e.g. configs/agnews-smollm2-quick.yaml")
-    run.add_argument("overrides", nargs="*", help="key=value, e.g. train.max_steps=20")
+    run.add_argument("overrides", nargs="*", default=[], help="key=value, e.g. train.max_steps=20")
     follow_opts(run)
     run.set_defaults(func=cmd_run)
     return p
@@ -488,10 +546,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
+    except ConfigError as e:
+        return _print_usage_error(e)
     except ApiError as e:
-        detail = e.detail if isinstance(e.detail, str) else json.dumps(e.detail)
-        print(f"newslora: {detail}" + (f" (HTTP {e.status})" if e.status else ""), file=sys.stderr)
-        return EXIT_API
+        return _print_api_error(e, getattr(args, "kind", None) or {"run": "pipeline"}.get(args.command, args.command))
     except WaitTimeout as e:
         print(f"newslora: {e}", file=sys.stderr)
         return EXIT_FAILED

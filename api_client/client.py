@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import httpx
@@ -26,7 +27,7 @@ class Client:
     """`Client()` talks to NEWSLORA_API_URL (or the embedded API on 127.0.0.1:8765)."""
 
     def __init__(self, base_url: str | None = None, *, token: str | None = None, timeout: float = 30.0):
-        from broker.settings import get_settings
+        from core.settings import get_settings
         s = get_settings()
         self.base_url = (base_url or s.resolved_api_url).rstrip("/")
         token = token if token is not None else s.api_token
@@ -166,3 +167,53 @@ class Client:
 
     def model(self, model_id: int) -> dict[str, Any]:
         return self._request("GET", f"/models/{model_id}")
+
+    # ------------------------------------------------------------ exports
+    def submit_export(self, adapter_id: int, *, format: str = "gguf", quant: str | None = None,
+                      **spec: Any) -> dict[str, Any]:
+        """An export job: format 'peft', 'merged' or 'gguf' (quant 'f16' or 'q8_0')."""
+        body = {"adapter_id": adapter_id, "format": format, **({"quant": quant} if quant else {}), **spec}
+        return self.submit("export", body)
+
+    def exports(self, adapter_id: int) -> list[dict[str, Any]]:
+        """An adapter's registered exports, newest first (`metrics.verification` holds the check's numbers)."""
+        return self._request("GET", f"/models/{adapter_id}/exports")
+
+    def download_export(self, export_id: int, dest: str | Path, *, extract: bool = False) -> Path:
+        """Stream an export's tar.gz to `dest` (a folder: written as newslora-export-ID.tar.gz inside it).
+
+        Args:
+            extract: also unpack it next to the archive (into `dest/newslora-export-ID/`).
+
+        Returns:
+            the archive's path, or the unpacked folder's with `extract`.
+        """
+        dest = Path(dest).expanduser()
+        dest.mkdir(parents=True, exist_ok=True)
+        target = dest / f"newslora-export-{export_id}.tar.gz"
+        partial = target.with_name(target.name + ".partial")
+        try:
+            with self._http.stream("GET", f"/models/{export_id}/download", timeout=None) as r:
+                if r.status_code >= 400:
+                    r.read()
+                    try:
+                        detail = r.json().get("detail", r.text)
+                    except ValueError:
+                        detail = r.text
+                    raise ApiError(r.status_code, detail)
+                with partial.open("wb") as f:
+                    for chunk in r.iter_bytes(1 << 20):
+                        f.write(chunk)
+        except httpx.TransportError as e:
+            partial.unlink(missing_ok=True)
+            raise ApiError(0, f"the download from {self.base_url} broke off ({type(e).__name__}); try again") from None
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        partial.replace(target)
+        if not extract:
+            return target
+        import tarfile
+        with tarfile.open(target, "r:gz") as tar:
+            tar.extractall(dest, filter="data")
+        return dest / f"newslora-export-{export_id}"

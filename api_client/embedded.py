@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from api_client.client import ApiError, Client
-from broker.settings import get_settings
+from core.settings import get_settings
 
 PROCESSES = ("api", "worker")
 
@@ -42,6 +42,14 @@ def commands() -> dict[str, list[str]]:
                    "-c", "1", "--loglevel", "INFO", "-n", f"embedded-{os.getpid()}@%h", "--without-gossip",
                    "--without-mingle", "--without-heartbeat"],
     }
+
+
+DASHBOARD_PATH = "/dashboard/jobs"  # served by the API itself (api/dashboard)
+
+
+def dashboard_url(api_url: str | None = None) -> str:
+    """Where the web dashboard of the API at `api_url` (default: this machine's) is."""
+    return (api_url or get_settings().resolved_api_url).rstrip("/") + DASHBOARD_PATH
 
 
 def api_up(client: Client | None = None) -> bool:

@@ -1,15 +1,21 @@
-"""Classification throughput: the reference project's generate-and-parse vs newslora's score mode, same run.
+"""Classification throughput, one run, same articles: the reference method (fp32 and bf16) vs newslora score mode
+(base model and a LoRA adapter).
 
-    python bench/infer_throughput.py --n 400            # SmolLM2-135M, AG News test articles, this CPU
-    python bench/infer_throughput.py --n 48 --batch-size 48
+    python bench/infer_throughput.py                       # ~2 minutes on an idle 2-core machine
+    python bench/infer_throughput.py --n 192 --n-reference 24
+    python bench/infer_throughput.py --adapter ~/.newslora/adapters/job-3   # a trained adapter instead of a random one
 
-(a) reference: Alpaca prompt, HF `generate` (greedy, max 30 new tokens, repetition penalty 1.2),
-    batch 8, fp32, label parsed from the text (first label name found).
-(b) newslora score mode: shared-prefix KV cache, length-bucketed batches, label log-likelihoods,
-    LM head on the needed positions only, dtype "auto" (bf16 where the CPU has it).
-Both read the first articles of test.csv (classes interleaved as published): score mode all N, the slow
-reference the first --n-reference, in interleaved rounds (8 reference articles, then N/rounds score-mode
-articles) so that other work on a shared CPU slows both alike. Prints JSON; model loading is not timed.
+(a) reference_fp32: the reference project's method exactly as it ran: Alpaca prompt, HF `generate` (greedy,
+    30 new tokens, repetition penalty 1.2), batch 8, fp32, the first label name found in the text.
+(b) reference_bf16: the same method with the model in bf16 (so the speed-up is not only a dtype change).
+(c) newslora_base: score mode (`workers.infer.classify_items`, as a classify job runs it: tokenization,
+    length-sorted batches, shared-prefix KV cache, label log-likelihoods), dtype auto (bf16 with AMX/AVX512-BF16).
+(d) newslora_adapter: the same with a LoRA adapter of the presets' shape (rank 16, alpha 32, all seven linear
+    layers of configs/agnews-smollm2*.yaml; random weights unless --adapter), served merged.
+The methods run in interleaved rounds (each round: a slice of the reference articles through (a) and (b), a
+slice of all articles through (c) and (d)), so that other work on a shared CPU slows them alike; the ratios
+are within one run. Model loading is not timed. The load average is printed before and after: quote a run as
+a headline only when both are near zero. Prints JSON.
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ import math
 import os
 import platform
 import re
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,6 +35,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 AG_NEWS = Path(os.environ.get("NEWSLORA_SHARED_DATA", REPO.parent / "shared" / "data")) / "ag_news"
 LABELS = ["World", "Sports", "Business", "Sci/Tech"]
+PRESET_LORA = {"rank": 16, "alpha": 32,
+               "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
 
 
 def read_ag_news_test(path: Path, n: int) -> list[dict]:
@@ -42,17 +51,17 @@ def read_ag_news_test(path: Path, n: int) -> list[dict]:
     return out
 
 
-def load_reference(model_dir: Path):
+def load_reference(model_dir: Path, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     tok = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval(), tok
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval(), tok
 
 
 def reference_method(model, tok, items: list[dict], *, batch_size: int = 8) -> dict:
     """The reference project's inference: generate 30 tokens per article and look for a label in the text."""
-    from workers.prompts import default_instruction, render_prompt
+    from workers.modeling.prompts import default_instruction, render_prompt
     instruction = default_instruction(LABELS)
     correct = 0
     t0 = time.perf_counter()
@@ -66,65 +75,106 @@ def reference_method(model, tok, items: list[dict], *, batch_size: int = 8) -> d
             hits = [(m.start(), name) for name in LABELS
                     for m in [re.search(re.escape(name), text, flags=re.IGNORECASE)] if m]
             correct += bool(hits) and min(hits)[1] == it["label"]
-    seconds = time.perf_counter() - t0
-    return {"n": len(items), "seconds": seconds, "correct": correct}
+    return {"n": len(items), "seconds": time.perf_counter() - t0, "correct": correct}
 
 
-def newslora_score(engine, model_dir: Path, items: list[dict], *, batch_size: int, dtype: str) -> dict:
+def newslora_score(engine, items: list[dict], *, adapter, batch_size: int) -> dict:
+    """Score mode as a classify job runs it (prompt from the adapter where given)."""
     from workers.context import LocalContext
     from workers.infer import classify_items
-    from workers.prompts import default_instruction
+    from workers.modeling.prompts import default_instruction
     from workers.specs.classify import ClassifySpec
-    spec = ClassifySpec(items=items, batch_size=batch_size, dtype=dtype, mode="score")
+    spec = ClassifySpec(items=items, batch_size=batch_size, mode="score")
     t0 = time.perf_counter()
-    summary = classify_items(items, engine=engine, model_ref=str(model_dir), adapter=None, label_names=LABELS,
+    summary = classify_items(items, engine=engine, model_ref=engine.model_ref, adapter=adapter, label_names=LABELS,
                              instruction=default_instruction(LABELS), template="alpaca", spec=spec,
                              ctx=LocalContext())
-    seconds = time.perf_counter() - t0
-    return {"n": len(items), "seconds": seconds, "correct": round(summary["accuracy"] * len(items))}
+    return {"n": len(items), "seconds": time.perf_counter() - t0, "correct": round(summary["accuracy"] * len(items))}
+
+
+def random_preset_adapter(model_dir: Path, out: Path, *, seed: int = 0, std: float = 0.02) -> Path:
+    """A LoRA adapter of the presets' shape with random (non-zero) weights, and its newslora.json."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from core.contracts.adapter import AdapterMeta
+    from workers.modeling.prompts import default_instruction
+    from workers.models import model_digest
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=PRESET_LORA["rank"], lora_alpha=PRESET_LORA["alpha"],
+                                            target_modules=PRESET_LORA["target_modules"], init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, std)
+    model.save_pretrained(out)
+    AdapterMeta(template="alpaca", instruction=default_instruction(LABELS), label_names=LABELS,
+                base_model=str(model_dir), base_model_digest=model_digest(model_dir)).save(out)
+    return out
 
 
 def _total(parts: list[dict]) -> dict:
     n, seconds, correct = (sum(p[k] for p in parts) for k in ("n", "seconds", "correct"))
-    return {"n": n, "seconds": round(seconds, 2), "items_per_s": round(n / seconds, 4),
+    return {"n": n, "seconds": round(seconds, 2), "items_per_s": round(n / seconds, 3),
             "accuracy": round(correct / n, 4)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=400, help="articles (first N of test.csv)")
-    ap.add_argument("--n-reference", type=int, default=None,
-                    help="articles for the slow reference method (default: same as --n); its items/s is a rate, "
-                         "so a smaller sample only widens its error bar")
+    ap.add_argument("--n", type=int, default=400, help="articles for score mode (first N of test.csv)")
+    ap.add_argument("--n-reference", type=int, default=48,
+                    help="articles for the slow reference method (the first of the N); its items/s is a rate, so "
+                         "a smaller sample only widens its error bar")
+    ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default: n_reference / 16)")
     ap.add_argument("--batch-size", type=int, default=32, help="newslora score-mode batch size")
     ap.add_argument("--dtype", default="auto", help="newslora dtype (auto = bf16 where the CPU has it)")
+    ap.add_argument("--adapter", type=Path, default=None, help="a trained adapter folder (default: a random one "
+                                                               "of the presets' shape)")
     ap.add_argument("--model-dir", type=Path, default=None, help="SmolLM2 checkpoint folder (default: the preset)")
     args = ap.parse_args()
+    load_before = os.getloadavg()
+    from workers.infer import AdapterRef, get_engine
     from workers.models import resolve_model
     model_dir = args.model_dir or resolve_model("smollm2-135m")
     items = read_ag_news_test(AG_NEWS / "test.csv", args.n)
-    n_ref = min(args.n_reference or args.n, len(items))
-    from workers.infer import get_engine
+    n_ref = min(args.n_reference, len(items))
     engine = get_engine(str(model_dir), dtype=args.dtype)
-    ref_model, ref_tok = load_reference(model_dir)
-    # The CPU is shared: interleave the two methods in rounds so that load changes hit both alike.
-    rounds = max(1, math.ceil(n_ref / 8))
-    a_parts, b_parts = [], []
-    for r in range(rounds):
-        lo, hi = r * len(items) // rounds, (r + 1) * len(items) // rounds
-        b_parts.append(newslora_score(engine, model_dir, items[lo:hi], batch_size=args.batch_size,
-                                      dtype=args.dtype))
-        a_parts.append(reference_method(ref_model, ref_tok, items[r * 8:min((r + 1) * 8, n_ref)]))
-    a, b = _total(a_parts), _total(b_parts)
-    b.update(dtype=str(engine.torch_dtype).replace("torch.", ""), batch_size=args.batch_size)
+    refs = {"reference_fp32": load_reference(model_dir, torch.float32),
+            "reference_bf16": load_reference(model_dir, torch.bfloat16)}
+    with tempfile.TemporaryDirectory() as tmp:
+        adapter_dir = args.adapter or random_preset_adapter(model_dir, Path(tmp) / "adapter")
+        adapter = AdapterRef(1, Path(adapter_dir))
+        newslora_score(engine, items[:8], adapter=adapter, batch_size=args.batch_size)  # merge + prefix KV, untimed
+        newslora_score(engine, items[:8], adapter=None, batch_size=args.batch_size)
+        rounds = args.rounds or max(1, math.ceil(n_ref / 16))
+        parts: dict[str, list[dict]] = {k: [] for k in ("reference_fp32", "reference_bf16", "newslora_base",
+                                                        "newslora_adapter")}
+        for r in range(rounds):
+            lo, hi = r * len(items) // rounds, (r + 1) * len(items) // rounds
+            rlo, rhi = r * n_ref // rounds, (r + 1) * n_ref // rounds
+            for name, (model, tok) in refs.items():
+                if rhi > rlo:
+                    parts[name].append(reference_method(model, tok, items[rlo:rhi]))
+            parts["newslora_base"].append(newslora_score(engine, items[lo:hi], adapter=None,
+                                                         batch_size=args.batch_size))
+            parts["newslora_adapter"].append(newslora_score(engine, items[lo:hi], adapter=adapter,
+                                                            batch_size=args.batch_size))
+    out = {name: _total(p) for name, p in parts.items()}
+    rate = {name: o["items_per_s"] for name, o in out.items()}
     print(json.dumps({
-        "model": "SmolLM2-135M-Instruct", "n": len(items), "n_reference": n_ref,
-        "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-        "load_avg_1m": os.getloadavg()[0],
-        "rounds": rounds,
-        "reference_generate": a,
-        "newslora_score": b,
-        "speedup": round(b["items_per_s"] / a["items_per_s"], 2),
+        "model": "SmolLM2-135M-Instruct", "n": len(items), "n_reference": n_ref, "rounds": rounds,
+        "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+        "newslora_dtype": str(engine.torch_dtype).replace("torch.", ""), "batch_size": args.batch_size,
+        "adapter": str(args.adapter) if args.adapter else "random, presets' shape " + json.dumps(PRESET_LORA),
+        "load_avg_before": [round(x, 2) for x in load_before], "load_avg_after": [round(x, 2) for x in os.getloadavg()],
+        **out,
+        "adapter_vs_base": round(rate["newslora_adapter"] / rate["newslora_base"], 3),
+        "speedup_vs_reference_fp32": {k: round(rate[k] / rate["reference_fp32"], 2)
+                                      for k in ("newslora_base", "newslora_adapter")},
+        "speedup_vs_reference_bf16": {k: round(rate[k] / rate["reference_bf16"], 2)
+                                      for k in ("newslora_base", "newslora_adapter")},
+        "reference_bf16_vs_fp32": round(rate["reference_bf16"] / rate["reference_fp32"], 2),
     }, indent=2))
 
 

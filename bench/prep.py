@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 from workers.context import LocalContext  # noqa: E402
 from workers.loaders import load_source  # noqa: E402
 from workers.prep import _NAMED, _full_lengths, clean_text, prepare_dataset, token_lengths  # noqa: E402
-from workers.prompts import default_instruction, render_prompt  # noqa: E402
+from workers.modeling.prompts import default_instruction, render_prompt  # noqa: E402
 from workers.specs.prep import AG_NEWS_LABELS, PrepSpec, SourceSpec  # noqa: E402
 
 _SCAN = re.compile(r"(?:&| )?(#[0-9]{1,7};|#[xX][0-9a-fA-F]{1,6};|(?<![A-Za-z0-9])(?:" + "|".join(_NAMED) + r");)")

@@ -1,47 +1,70 @@
-"""LoRA training throughput on this machine: a naive fp32 PEFT baseline vs the newslora PEFT loop.
+"""LoRA training throughput on this machine: naive PEFT loops in fp32 and bf16, the newslora loop, torchtune.
 
-    python bench/train_throughput.py                      # SmolLM2-135M, 64 AG News articles, ~2-3 min on 2 cores
+    python bench/train_throughput.py                      # SmolLM2-135M, 64 AG News articles, batch 16, 3 x 4 steps
     python bench/train_throughput.py --with-torchtune     # also the torchtune backend, if its env is installed
+    python bench/train_throughput.py --rounds 1 --steps-per-round 1   # a quick check that it runs
 
-Both runs train the same LoRA (the TrainSpec default: rank 16 on every linear layer of the decoder) on the
-same articles rendered with the alpaca template, batch 16, and count the same tokens: every real token of
-prompt + label + EOS (padding excluded; the shared prompt prefix counted once per example). The first
-step of each is a warm-up and is not timed; then the two alternate step by step, so that load from other
-work on a shared machine falls on both alike.
+Every backend trains the same LoRA (the TrainSpec default: rank 16 on every linear layer of the decoder)
+on the same articles rendered with the alpaca template, batch 16, for the same number of timed steps.
+The steps are interleaved so that load from other work on a shared machine falls on all alike: each
+round runs one step of each in-process backend in turn, `--steps-per-round` times, then (with
+--with-torchtune) one torchtune recipe run of `--steps-per-round` + 1 steps, whose first step is a
+warm-up and not timed (its process start, checkpoint load and adapter export are reported apart as
+startup_s). Each in-process backend also takes one untimed warm-up step before the first round.
 
-- naive: fp32 weights, HF forward with labels (logits over the whole vocabulary at every position),
-  batches in random order padded to their longest row, PEFT's default LoRA forward.
-- newslora: the `PeftLoraTrainer` steps that `workers.train.train_adapter` runs (bf16 frozen base where the CPU has
-  AVX512-BF16/AMX, shared-prefix forward, LM head on label positions only, length-bucketed batches).
+- naive_fp32 / naive_bf16: the model loaded in that dtype, HF forward with labels (logits over the whole
+  vocabulary at every position), batches in random order padded to their longest row, PEFT's default
+  LoRA forward (LoRA weights fp32). naive_bf16 shows what the dtype alone gives.
+- newslora: the `PeftLoraTrainer` steps that `workers.train.train_adapter` runs (bf16 frozen base where
+  the CPU has AVX512-BF16/AMX, shared-prefix forward, LM head on target positions only, length-bucketed
+  batches).
+- torchtune: `workers.train.torchtune_backend`, the torchtune LoRA recipe in its own environment.
 
-FLOPs: a frozen base costs ~2*N per token forward plus ~2*N backward for the activation gradients (no
-weight gradients), so 4*N*tokens with N the decoder's linear-layer parameters (embedding excluded, LM head
-excluded: the newslora loop applies it only to a few positions). The usual 6*N*tokens is for full
-fine-tuning and would overstate LoRA. `model_flops_per_s` counts the tokens a batch stands for;
-`executed_flops_per_s` counts what the shared-prefix loop actually runs (the prefix once per batch).
-Prints one JSON object.
+Tokens, per backend:
+- data_tokens: the real tokens of the examples trained on (prompt + label + EOS, no padding; the shared
+  prompt prefix counted once per example): the same for every backend over the same examples, so
+  data_tokens_per_s is the figure the speedups compare.
+- executed_tokens: the real tokens the decoder actually ran: the newslora loop runs the shared prefix
+  once per batch, the others once per example. padded_tokens adds the padding the batches carried;
+  padding_share = 1 - executed / padded.
+
+FLOPs of the work executed (padding excluded, so never more than was computed):
+- decoder linear layers, frozen: forward 2*N + backward activation-gradients 2*N a token (no weight
+  gradients); N = the decoder's linear parameters (embedding and LM head apart);
+- LoRA adapters: forward 2*N_lora + backward 4*N_lora (activation and weight gradients) a token;
+- attention: QK^T and AV forward 4*d a key, backward 8*d, over the causal keys of each executed token
+  (d = hidden size; the prefix's keys included for the newslora rows);
+- LM head (frozen, tied): 4*V*H a position where it is applied: the target positions for newslora,
+  every real position for the naive loops and torchtune (the HF forward computes all logits).
+`fraction_of_bf16_peak` divides the executed FLOPs a second by a measured bf16 matmul peak (the best of
+a few 2048^3 matmuls before and after the run); it cannot exceed 1 unless the peak is measured low.
+
+Prints the load average at the start and the end (stderr), then one JSON object (stdout).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 import tempfile
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Sequence
 
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from core.contracts.dataset import DatasetMeta  # noqa: E402
 from workers.context import LocalContext  # noqa: E402
 from workers.models import cpu_has_fast_bf16, pick_dtype, resolve_model  # noqa: E402
-from workers.prompts import default_instruction  # noqa: E402
+from workers.modeling.prompts import default_instruction  # noqa: E402
 from workers.specs.train import TrainSpec  # noqa: E402
 from workers.train.peft_loop import PeftLoraTrainer  # noqa: E402
-from workers.train.data import PromptEncoder, load_prepared  # noqa: E402
 
 LABELS = ["World", "Sports", "Business", "Sci/Tech"]
 AG_NEWS = REPO.parent / "shared" / "data" / "ag_news" / "train.jsonl"
@@ -56,89 +79,183 @@ def write_dataset(root: Path, n: int) -> Path:
              "label_id": r["label"]} for i, r in enumerate(rows)]
     for name, part in (("train", recs[:n]), ("validation", recs[n:]), ("test", recs[n:])):
         (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
-    (root / "meta.json").write_text(json.dumps({"label_names": LABELS, "template": "alpaca",
-                                                "instruction": instruction, "hash": f"bench-{n}"}))
+    DatasetMeta(name="bench", hash=f"bench-{n}", created_at="2026-01-01T00:00:00+00:00", code_version="bench",
+                sources={}, label_names=LABELS, label_map={n: i for i, n in enumerate(LABELS)}, template="alpaca",
+                instruction=instruction, counts={}, spec={}).save(root)
     return root
 
 
-def bf16_matmul_gflops(n: int = 2048, reps: int = 8) -> float:
-    a, b = torch.randn(n, n, dtype=torch.bfloat16), torch.randn(n, n, dtype=torch.bfloat16)
+def matmul_gflops(dtype: torch.dtype, n: int = 2048, reps: int = 8, trials: int = 3) -> float:
+    """The best of `trials` timings of `reps` n x n matmuls: a peak, so the least disturbed trial."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
-    t = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e9
+    best = 0.0
+    for _ in range(trials):
+        t = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e9)
+    return best
 
 
-def linear_params(model_dir: Path) -> int:
-    from transformers import AutoConfig
-    c = AutoConfig.from_pretrained(model_dir)
-    kv = c.num_key_value_heads * (c.hidden_size // c.num_attention_heads)
-    per_layer = c.hidden_size * (2 * c.hidden_size + 2 * kv) + 3 * c.hidden_size * c.intermediate_size
-    return per_layer * c.num_hidden_layers
+# --------------------------------------------------------------------------------------------------
+# What a step executed, and what it cost
 
 
-class NaiveFp32:
-    """fp32 PEFT, full-vocabulary logits via the HF forward with labels, random unbucketed batches."""
+@dataclass
+class Work:
+    """Counts over one or more steps (see the module docstring)."""
 
-    def __init__(self, model_dir: Path, dataset_dir: Path, spec: TrainSpec) -> None:
+    data_tokens: int = 0
+    executed_tokens: int = 0
+    padded_tokens: int = 0
+    head_positions: int = 0  # LM-head rows, padding excluded
+    attn_keys: int = 0  # sum over executed tokens of the causal keys each attends to
+
+    def __iadd__(self, other: "Work") -> "Work":
+        for k, v in asdict(other).items():
+            setattr(self, k, getattr(self, k) + v)
+        return self
+
+
+def padded_batch_work(lengths: Sequence[int]) -> Work:
+    """A batch of whole sequences padded to the longest, the LM head at every position."""
+    real = sum(lengths)
+    return Work(data_tokens=real, executed_tokens=real, padded_tokens=len(lengths) * max(lengths),
+                head_positions=real, attn_keys=sum(n * (n + 1) // 2 for n in lengths))
+
+
+def shared_prefix_work(batch: Any) -> Work:
+    """A newslora TrainBatch: the prefix once, each row on top of its keys, the head at the targets."""
+    P = batch.prefix_ids.shape[1]
+    B, S = batch.input_ids.shape
+    rows = batch.attention_mask[:, P:].sum(dim=1).tolist()  # (B,) real tokens after the prefix
+    attn = P * (P + 1) // 2 + sum(n * P + n * (n + 1) // 2 for n in rows)
+    return Work(data_tokens=int(batch.n_tokens), executed_tokens=P + sum(rows), padded_tokens=P + B * S,
+                head_positions=int(batch.n_targets), attn_keys=attn)
+
+
+@dataclass(frozen=True)
+class FlopModel:
+    n_linear: int  # decoder linear parameters
+    n_lora: int  # LoRA parameters (A and B of every adapted layer)
+    hidden: int
+    vocab: int
+    layers: int
+
+    @classmethod
+    def of(cls, model_dir: Path, lora_rank: int, targets: Sequence[str]) -> "FlopModel":
+        from transformers import AutoConfig
+        c = AutoConfig.from_pretrained(model_dir)
+        h, kv = c.hidden_size, c.num_key_value_heads * (c.hidden_size // c.num_attention_heads)
+        shapes = {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+                  "gate_proj": (h, c.intermediate_size), "up_proj": (h, c.intermediate_size),
+                  "down_proj": (c.intermediate_size, h)}
+        per_layer = sum(i * o for i, o in shapes.values())
+        lora = sum(lora_rank * (i + o) for name, (i, o) in shapes.items()
+                   if name in targets or list(targets) == ["all-linear"])
+        return cls(n_linear=per_layer * c.num_hidden_layers, n_lora=lora * c.num_hidden_layers, hidden=h,
+                   vocab=c.vocab_size, layers=c.num_hidden_layers)
+
+    def flops(self, w: Work) -> float:
+        return (w.executed_tokens * (4 * self.n_linear + 6 * self.n_lora)
+                + w.attn_keys * 12 * self.hidden * self.layers
+                + w.head_positions * 4 * self.vocab * self.hidden)
+
+
+# --------------------------------------------------------------------------------------------------
+# The backends
+
+
+class NaiveLoop:
+    """PEFT's default LoRA on a model loaded in `dtype`, HF forward with labels, random padded batches."""
+
+    def __init__(self, model_dir: Path, examples: Sequence[Any], spec: TrainSpec, dtype: torch.dtype,
+                 pad_id: int) -> None:
         from peft import LoraConfig, get_peft_model
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        tok = AutoTokenizer.from_pretrained(model_dir)
-        data = load_prepared(dataset_dir)
-        enc = PromptEncoder(tok, template="alpaca", instruction=data.meta["instruction"], label_names=LABELS,
-                            max_seq_len=spec.max_seq_len)
-        examples = enc.encode(data.train)
+        from transformers import AutoModelForCausalLM
+        examples = list(examples)
         random.Random(0).shuffle(examples)
         self.batches = [examples[i:i + spec.batch_size] for i in range(0, len(examples), spec.batch_size)]
         torch.manual_seed(0)
-        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
         lora = spec.lora
         self.model = get_peft_model(base, LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                                      target_modules=lora.target_modules, task_type="CAUSAL_LM")).train()
         self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=spec.learning_rate)
-        self.pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.pad = pad_id
+        self.dtype = str(dtype).removeprefix("torch.")
+        self.i = 0
 
-    def step(self, i: int) -> int:
-        batch = self.batches[i % len(self.batches)]
+    def step(self) -> tuple[Work, float]:
+        batch = self.batches[self.i % len(self.batches)]
+        self.i += 1
+        t = time.perf_counter()  # collation counted, as it is in the newslora step
         S = max(len(e.input_ids) for e in batch)
         ids = torch.tensor([e.input_ids + [self.pad] * (S - len(e.input_ids)) for e in batch])  # (B, S)
-        labels = torch.tensor([e.labels + [-100] * (S - len(e.labels)) for e in batch])
-        mask = torch.tensor([[1] * len(e.input_ids) + [0] * (S - len(e.input_ids)) for e in batch])
+        labels = torch.tensor([e.labels + [-100] * (S - len(e.labels)) for e in batch])  # (B, S)
+        mask = torch.tensor([[1] * len(e.input_ids) + [0] * (S - len(e.input_ids)) for e in batch])  # (B, S)
         self.model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        return int(mask.sum())
+        return padded_batch_work([len(e.input_ids) for e in batch]), time.perf_counter() - t
 
 
-def interleaved(naive: NaiveFp32 | None, trainer: PeftLoraTrainer, n_steps: int) -> tuple[dict | None, dict]:
-    """Alternate one naive step and one newslora step (after one untimed warm-up step each), so the
-    load that other work puts on a shared machine falls on both alike."""
-    if naive is not None:
-        naive.step(0)
-    trainer._train_step()
-    trainer.step += 1
-    acc = {"naive": [0, 0.0], "newslora": [0, 0.0]}
-    losses = []
-    for i in range(1, n_steps + 1):
-        if naive is not None:
-            t = time.perf_counter()
-            acc["naive"][0] += naive.step(i)
-            acc["naive"][1] += time.perf_counter() - t
+class NewsloraLoop:
+    """The real loop's optimizer step (`PeftLoraTrainer._train_step`): micro-batches, forward, backward, AdamW."""
+
+    def __init__(self, trainer: PeftLoraTrainer) -> None:
+        self.trainer = trainer
+        self.dtype = str(trainer.dtype).removeprefix("torch.")
+        self.losses: list[float] = []
+
+    def step(self) -> tuple[Work, float]:
+        tr = self.trainer
+        work = Work()
+        for batch in tr._micro_batches():  # the same batches _train_step builds next (a seeded order)
+            work += shared_prefix_work(batch)
         t = time.perf_counter()
-        loss, tokens = trainer._train_step()  # the real loop's step: micro-batches, forward, backward, AdamW
-        acc["newslora"][1] += time.perf_counter() - t
-        acc["newslora"][0] += tokens
-        trainer.step += 1
-        losses.append(round(loss, 4))
+        loss, _ = tr._train_step()
+        seconds = time.perf_counter() - t
+        tr.step += 1
+        self.losses.append(round(loss, 4))
+        return work, seconds
 
-    def summary(name: str, dtype: str) -> dict:
-        tokens, seconds = acc[name]
-        return {"tokens": tokens, "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 1),
-                "dtype": dtype, "steps": n_steps}
 
-    ours = summary("newslora", str(trainer.dtype).removeprefix("torch.")) | {"losses": losses}
-    return (summary("naive", "float32") if naive is not None else None), ours
+def torchtune_round(model_dir: Path, ds: Path, spec: TrainSpec, steps: int, work_dir: Path,
+                    mean_keys_per_token: float) -> tuple[Work, float, dict[str, Any]]:
+    """One torchtune recipe run of steps + 1 steps; (work, seconds) of the steps after the first."""
+    from workers.train.torchtune_backend import torchtune_tokens_per_s
+    info = torchtune_tokens_per_s(str(model_dir), steps=steps + 1, batch_size=spec.batch_size,
+                                  max_seq_len=spec.max_seq_len, dataset_dir=ds, work_dir=work_dir)
+    rows = [json.loads(x) for x in (work_dir / "out" / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "loss" in r and r.get("type") != "eval"][1:]  # the steady steps
+    tokens = sum(int(r["tokens"]) for r in rows)
+    seconds = sum(r["tokens"] / r["tokens_per_s"] for r in rows if r.get("tokens_per_s"))
+    # Whole sequences, no prefix sharing, logits everywhere; attention keys from the examples' mean. The
+    # recipe's padding is not reported by it: padded_tokens 0 reads as unknown.
+    work = Work(data_tokens=tokens, executed_tokens=tokens, padded_tokens=0, head_positions=tokens,
+                attn_keys=round(tokens * mean_keys_per_token))
+    dtype = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}.get(info["dtype"], info["dtype"])
+    return work, seconds, {"dtype": dtype, "startup_s": round(info["wall_s"] - seconds, 1),
+                           "steps": len(rows), "loss_last": info["loss_last"]}
+
+
+# --------------------------------------------------------------------------------------------------
+# The run
+
+
+def summarize(work: Work, seconds: float, steps: int, dtype: str, fm: FlopModel, peaks: dict[str, float]) -> dict:
+    gflops = fm.flops(work) / seconds / 1e9 if seconds else 0.0
+    own_peak = peaks["float32"] if dtype == "float32" else peaks["bfloat16"]
+    return {"dtype": dtype, "steps": steps, "seconds": round(seconds, 2),
+            **asdict(work) | ({"padded_tokens": None} if not work.padded_tokens else {}),
+            "padding_share": round(1 - work.executed_tokens / work.padded_tokens, 3) if work.padded_tokens else None,
+            "data_tokens_per_s": round(work.data_tokens / seconds, 1) if seconds else None,
+            "executed_tokens_per_s": round(work.executed_tokens / seconds, 1) if seconds else None,
+            "executed_gflops_per_s": round(gflops, 1),
+            "fraction_of_bf16_peak": round(gflops / peaks["bfloat16"], 3),
+            "fraction_of_own_dtype_peak": round(gflops / own_peak, 3)}
 
 
 def main() -> None:
@@ -146,58 +263,93 @@ def main() -> None:
     ap.add_argument("--model", default=str(TEST_CACHE) if TEST_CACHE.is_dir() else "smollm2-135m")
     ap.add_argument("--examples", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of interleaved steps")
+    ap.add_argument("--steps-per-round", type=int, default=4, help="timed steps of each backend a round")
     ap.add_argument("--skip-naive", action="store_true")
     ap.add_argument("--with-torchtune", action="store_true", help="also time the torchtune backend")
     args = ap.parse_args()
 
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    print(f"load average before (1, 5, 15 min): {load_before}", file=sys.stderr)
     model_dir = resolve_model(args.model)
-    peak = bf16_matmul_gflops()
+    peaks = {"bfloat16": matmul_gflops(torch.bfloat16), "float32": matmul_gflops(torch.float32)}
+    timed = {}
     with tempfile.TemporaryDirectory(prefix="newslora-train-bench-") as tmp:
         ds = write_dataset(Path(tmp) / "ds", args.examples)
         spec = TrainSpec(dataset_id=1, model=str(model_dir), batch_size=args.batch_size,
-                         max_steps=args.examples // args.batch_size + 1, warmup_steps=1, eval_every=10_000,
+                         max_steps=1 + args.rounds * args.steps_per_round, warmup_steps=1, eval_every=10_000,
                          save_every=10_000, val_samples=8)
         trainer = PeftLoraTrainer(spec, ds, Path(tmp) / "run", LocalContext(work_dir=Path(tmp)))
         trainer.setup()
-        naive = None if args.skip_naive else NaiveFp32(model_dir, ds, spec)
-        n_steps = max(1, args.examples // args.batch_size)
-        base, ours = interleaved(naive, trainer, n_steps)
-        del naive, trainer
-        tt = None
-        if args.with_torchtune:
-            try:
-                from workers.train.torchtune_backend import torchtune_tokens_per_s
-                tt = torchtune_tokens_per_s(str(model_dir), steps=args.examples // args.batch_size + 1,
-                                            batch_size=args.batch_size, max_seq_len=spec.max_seq_len, dataset_dir=ds,
-                                            work_dir=Path(tmp) / "tt")
-            except Exception as e:  # noqa: BLE001 - report why the figure is missing, keep the others
-                tt = {"error": f"{type(e).__name__}: {e}"}
+        examples = trainer.train_examples
+        pad = trainer.tokenizer.pad_token_id if trainer.tokenizer.pad_token_id is not None else \
+            trainer.tokenizer.eos_token_id
+        loops: dict[str, Any] = {}
+        if not args.skip_naive:
+            loops["naive_fp32"] = NaiveLoop(model_dir, examples, spec, torch.float32, pad)
+            loops["naive_bf16"] = NaiveLoop(model_dir, examples, spec, torch.bfloat16, pad)
+        loops["newslora"] = NewsloraLoop(trainer)
+        for loop in loops.values():
+            loop.step()  # warm-up, not timed
+        names = list(loops) + (["torchtune"] if args.with_torchtune else [])
+        acc = {name: [Work(), 0.0, 0] for name in names}
+        tt_info: dict[str, Any] = {}
+        lengths = [len(e.input_ids) for e in examples]
+        mean_keys = sum(n * (n + 1) / 2 for n in lengths) / sum(lengths)
+        for r in range(args.rounds):
+            for _ in range(args.steps_per_round):
+                for name, loop in loops.items():
+                    work, seconds = loop.step()
+                    acc[name][0] += work
+                    acc[name][1] += seconds
+                    acc[name][2] += 1
+            if args.with_torchtune and "error" not in tt_info:
+                try:
+                    work, seconds, info = torchtune_round(model_dir, ds, spec, args.steps_per_round,
+                                                          Path(tmp) / f"tt-{r}", mean_keys)
+                    acc["torchtune"][0] += work
+                    acc["torchtune"][1] += seconds
+                    acc["torchtune"][2] += info["steps"]
+                    tt_info = {**info, "startup_s": tt_info.get("startup_s", []) + [info["startup_s"]]}
+                except Exception as e:  # noqa: BLE001 - report why the figure is missing, keep the others
+                    tt_info = {"error": f"{type(e).__name__}: {e}"}
+        fm = FlopModel.of(model_dir, spec.lora.rank, spec.lora.target_modules)
+        dtypes = {name: loop.dtype for name, loop in loops.items()} | {"torchtune": tt_info.get("dtype", "?")}
+        losses = loops["newslora"].losses
+        prefix_len = examples[0].prefix_len
+        del loops, trainer
+    peaks_after = {"bfloat16": matmul_gflops(torch.bfloat16), "float32": matmul_gflops(torch.float32)}
+    best = {k: max(peaks[k], peaks_after[k]) for k in peaks}  # a peak: the best measurement
+    for name in names:
+        if name == "torchtune" and "error" in tt_info:
+            timed[name] = {"error": tt_info["error"]}
+            continue
+        timed[name] = summarize(*acc[name], dtypes[name], fm, best)
+    timed["newslora"]["losses"] = losses  # the warm-up step's first
+    if "torchtune" in timed and "error" not in timed["torchtune"]:
+        timed["torchtune"] |= {k: tt_info[k] for k in ("startup_s", "loss_last")}
 
-        n = linear_params(model_dir)
-        data = load_prepared(ds)
-        from transformers import AutoTokenizer
-        enc = PromptEncoder(AutoTokenizer.from_pretrained(model_dir), template="alpaca",
-                            instruction=data.meta["instruction"], label_names=LABELS, max_seq_len=spec.max_seq_len)
-        P = len(enc.prefix_ids)
-        executed_share = 1 - P * (1 - 1 / args.batch_size) / (ours["tokens"] / (n_steps * args.batch_size))
+    def speedup(over: str) -> float | None:
+        a, b = timed.get("newslora", {}), timed.get(over, {})
+        return round(a["data_tokens_per_s"] / b["data_tokens_per_s"], 2) if b.get("data_tokens_per_s") else None
 
-    fastest = max(x["tokens_per_s"] for x in (ours, base, tt) if x and "tokens_per_s" in x and x["tokens_per_s"])
+    load_after = [round(x, 2) for x in os.getloadavg()]
+    print(f"load average after (1, 5, 15 min): {load_after}", file=sys.stderr)
     out = {
         "model": args.model, "examples": args.examples, "batch_size": args.batch_size,
-        "lora": spec.lora.model_dump(), "max_seq_len": spec.max_seq_len,
+        "rounds": args.rounds, "steps_per_round": args.steps_per_round,
+        "lora": spec.lora.model_dump(), "max_seq_len": spec.max_seq_len, "prefix_tokens": prefix_len,
         "cpu_has_fast_bf16": cpu_has_fast_bf16(), "threads": torch.get_num_threads(),
-        "naive_fp32": base, "newslora": ours, "torchtune": tt,
-        "speedup_vs_naive": round(ours["tokens_per_s"] / base["tokens_per_s"], 2) if base else None,
-        "bf16_matmul_gflops": round(peak, 1),
-        "flops_note": "4*N*tokens: forward 2N + backward activation-grad 2N (frozen base, no weight grads); "
-                      "N = decoder linear params (embedding and LM head excluded); not 6N (full fine-tuning)",
-        "linear_params_N": n,
-        "fastest_tokens_per_s": fastest,
-        "fastest_model_gflops": round(4 * n * fastest / 1e9, 1),
-        "fastest_fraction_of_bf16_peak": round(4 * n * fastest / 1e9 / peak, 3),
-        "newslora_executed_token_share": round(executed_share, 3),
-        "newslora_executed_fraction_of_bf16_peak": round(4 * n * ours["tokens_per_s"] * executed_share / 1e9 / peak, 3),
         "dtype_auto": str(pick_dtype("auto", "cpu")).removeprefix("torch."),
+        "load_average_before": load_before, "load_average_after": load_after,
+        "matmul_peak_gflops": {"bfloat16": round(best["bfloat16"], 1), "float32": round(best["float32"], 1),
+                               "before": {k: round(v, 1) for k, v in peaks.items()},
+                               "after": {k: round(v, 1) for k, v in peaks_after.items()}},
+        "flop_model": asdict(fm),
+        "backends": timed,
+        "newslora_speedup_over_naive_fp32": speedup("naive_fp32"),
+        "newslora_speedup_over_naive_bf16": speedup("naive_bf16"),
+        "newslora_speedup_over_torchtune": speedup("torchtune"),
     }
     print(json.dumps(out, indent=2))
 

@@ -11,7 +11,7 @@ import logging
 from celery import Celery
 from kombu import Queue
 
-from broker.settings import get_settings
+from core.settings import get_settings
 from workers.specs import QUEUES
 
 # Task name per job kind; the queue comes from workers.specs.QUEUES.

@@ -36,7 +36,14 @@ class Settings(BaseSettings):
     visibility_timeout_s: int = Field(default=7 * 3600, alias="NEWSLORA_VISIBILITY_TIMEOUT_S")
     # Hard ceiling on any one job's run time; a job past it is failed with the reason.
     job_time_limit_s: int = Field(default=6 * 3600, alias="NEWSLORA_JOB_TIME_LIMIT_S")
+    # A job queued this long without a worker taking it has its message re-sent: a broker killed before
+    # it wrote a message to disk (Redis appendfsync everysec) loses up to a second of them. Duplicates are
+    # dropped by the lease, so this only costs a message.
+    requeue_queued_after_s: float = Field(default=900.0, alias="NEWSLORA_REQUEUE_QUEUED_AFTER_S")
     wait_retries: int = Field(default=30, alias="NEWSLORA_WAIT_RETRIES")
+    # A classify job with more items than this becomes shard child jobs on the gpu queue, so that every gpu
+    # worker takes a part (workers/shards.py); a killed worker costs at most one shard's unsaved items.
+    classify_shard_size: int = Field(default=4000, ge=1, alias="NEWSLORA_CLASSIFY_SHARD_SIZE")
     max_body_bytes: int = Field(default=50 * 1024 * 1024, alias="NEWSLORA_MAX_BODY_BYTES")
 
     def redelivery_warning(self) -> str | None:

@@ -157,6 +157,17 @@ def request_cancel(job_id: int, *, session: Session) -> Job:
     return job
 
 
+def stale_queued_jobs(*, session: Session, older_than_s: float) -> Sequence[Job]:
+    """Queued jobs untouched for `older_than_s`: their message may have been lost (a broker killed before
+    it wrote the message to disk). Each is touched, so it is re-sent at most once per period."""
+    from datetime import timedelta
+    jobs = session.scalars(select(Job).where(Job.status == "queued",
+                                             Job.updated_at < utcnow() - timedelta(seconds=older_than_s))).all()
+    for j in jobs:
+        j.updated_at = utcnow()
+    return jobs
+
+
 def stale_running_jobs(*, session: Session) -> Sequence[Job]:
     """Running jobs whose lease ran out: their worker died."""
     return session.scalars(select(Job).where(Job.status == "running", Job.lease_expires_at < utcnow())).all()

@@ -11,12 +11,12 @@ from sqlalchemy import func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from db.models import Dataset, Evaluation, JudgeScore, ModelArtifact, Prediction
+from core.contracts.judge import JudgeRow
+from core.contracts.prediction import PredictionRow
+from db.models import Dataset, Evaluation, Job, JudgeScore, ModelArtifact, Prediction
 
-PREDICTION_FIELDS = ("label", "gold", "probs", "response", "follows_instruction", "latency_ms", "flags",
-                     "error", "model", "adapter_id", "seq")
-JUDGE_FIELDS = ("status", "coherence", "following", "reason", "judge_backend", "judge_model", "judge_digest",
-                "latency_ms", "raw", "error", "extra")
+PREDICTION_FIELDS = tuple(c for c in PredictionRow.COLUMNS if c != "item_id")
+JUDGE_FIELDS = tuple(c for c in JudgeRow.COLUMNS if c != "item_id") + (JudgeRow.EXTRA_COLUMN,)
 
 
 def _upsert(session: Session, table, rows: list[dict[str, Any]], keys: tuple[str, ...], fields: tuple[str, ...]):
@@ -30,13 +30,9 @@ def _upsert(session: Session, table, rows: list[dict[str, Any]], keys: tuple[str
     session.execute(stmt)
 
 
-def save_predictions(job_id: int, rows: Sequence[dict[str, Any]], *, session: Session) -> None:
-    clean = []
-    for r in rows:
-        row = {"job_id": job_id, "item_id": str(r["item_id"])}
-        row.update({f: r.get(f) for f in PREDICTION_FIELDS})
-        row["seq"] = row["seq"] or 0
-        clean.append(row)
+def save_predictions(job_id: int, rows: Sequence[PredictionRow], *, session: Session) -> None:
+    """Upsert prediction rows on (job, item): a retried write stores each item once."""
+    clean = [{"job_id": job_id, **PredictionRow.model_validate(r).to_columns()} for r in rows]
     for i in range(0, len(clean), 500):
         _upsert(session, Prediction.__table__, clean[i:i + 500], ("job_id", "item_id"), PREDICTION_FIELDS)
 
@@ -45,9 +41,18 @@ def done_item_ids(job_id: int, *, session: Session) -> set[str]:
     return set(session.scalars(select(Prediction.item_id).where(Prediction.job_id == job_id)).all())
 
 
+def prediction_job_ids(job_id: int, *, session: Session) -> list[int]:
+    """The job ids whose predictions are a job's: its own and, for a sharded classify job, its shards'
+    (workers/shards.py: shard children store their rows under their own ids)."""
+    if session.scalar(select(Job.kind).where(Job.id == job_id)) != "classify":
+        return [job_id]
+    return [job_id, *session.scalars(select(Job.id).where(Job.parent_id == job_id, Job.kind == "classify"))]
+
+
 def predictions(job_id: int, *, session: Session, offset: int = 0, limit: int = 100,
                 failed: bool | None = None) -> tuple[Sequence[Prediction], int]:
-    q = select(Prediction).where(Prediction.job_id == job_id)
+    """A page of a job's predictions (a sharded job's: all its shards'), in input order."""
+    q = select(Prediction).where(Prediction.job_id.in_(prediction_job_ids(job_id, session=session)))
     if failed is True:
         q = q.where(Prediction.error.is_not(None))
     elif failed is False:
@@ -57,23 +62,41 @@ def predictions(job_id: int, *, session: Session, offset: int = 0, limit: int = 
     return rows, total
 
 
+def prediction_rows(job_id: int, *, session: Session, shards: bool = True) -> list[PredictionRow]:
+    """Every stored prediction of a job as its contract, in input order (with `shards`, a sharded job's
+    shards' rows too)."""
+    ids = prediction_job_ids(job_id, session=session) if shards else [job_id]
+    rows = session.scalars(select(Prediction).where(Prediction.job_id.in_(ids)).order_by(Prediction.seq)).all()
+    return [prediction_row(p) for p in rows]
+
+
 def all_predictions(job_id: int, *, session: Session) -> list[dict[str, Any]]:
-    rows = session.scalars(select(Prediction).where(Prediction.job_id == job_id).order_by(Prediction.seq)).all()
-    return [prediction_dict(p) for p in rows]
+    """`prediction_rows` as plain dicts (JSON-ready)."""
+    return [r.model_dump(mode="json", exclude={"format_version"}) for r in prediction_rows(job_id, session=session)]
+
+
+def prediction_row(p: Prediction) -> PredictionRow:
+    return PredictionRow.from_columns({c: getattr(p, c) for c in PredictionRow.COLUMNS})
 
 
 def prediction_dict(p: Prediction) -> dict[str, Any]:
-    return {"item_id": p.item_id, **{f: getattr(p, f) for f in PREDICTION_FIELDS}}
+    return prediction_row(p).model_dump(mode="json", exclude={"format_version"})
 
 
-def save_judge_scores(job_id: int, rows: Sequence[dict[str, Any]], *, session: Session) -> None:
-    clean = [{"job_id": job_id, "item_id": str(r["item_id"]), **{f: r.get(f) for f in JUDGE_FIELDS}} for r in rows]
+def save_judge_scores(job_id: int, rows: Sequence[JudgeRow], *, session: Session) -> None:
+    """Upsert judge rows on (job, item); every field of the row survives (columns + the `extra` JSON)."""
+    clean = [{"job_id": job_id, **JudgeRow.model_validate(r).to_columns()} for r in rows]
     _upsert(session, JudgeScore.__table__, clean, ("job_id", "item_id"), JUDGE_FIELDS)
 
 
-def judge_scores(job_id: int, *, session: Session) -> list[dict[str, Any]]:
+def judge_rows(job_id: int, *, session: Session) -> list[JudgeRow]:
     rows = session.scalars(select(JudgeScore).where(JudgeScore.job_id == job_id).order_by(JudgeScore.id)).all()
-    return [{"item_id": r.item_id, **{f: getattr(r, f) for f in JUDGE_FIELDS}} for r in rows]
+    return [JudgeRow.from_columns({c: getattr(r, c) for c in JUDGE_FIELDS + ("item_id",)}) for r in rows]
+
+
+def judge_scores(job_id: int, *, session: Session) -> list[dict[str, Any]]:
+    """`judge_rows` as plain dicts (JSON-ready)."""
+    return [r.model_dump(mode="json", exclude={"format_version"}) for r in judge_rows(job_id, session=session)]
 
 
 def add_dataset(*, session: Session, job_id: int | None, name: str, path: str, hash: str, spec_hash: str,

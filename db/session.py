@@ -14,7 +14,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from broker.settings import get_settings
+from core.settings import get_settings
 
 log = logging.getLogger("newslora.db")
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"

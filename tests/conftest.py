@@ -22,7 +22,7 @@ def ag_news_dir() -> Path:
 @pytest.fixture
 def newslora_home(tmp_path, monkeypatch) -> Path:
     """A fresh NEWSLORA_HOME for one test (embedded store and broker live there)."""
-    from broker.settings import reset_settings
+    from core.settings import reset_settings
     home = tmp_path / "home"
     home.mkdir()
     monkeypatch.setenv("NEWSLORA_HOME", str(home))
@@ -257,3 +257,67 @@ def wait_status(client, job_id: int, statuses: tuple[str, ...], timeout: float =
             return job
         time.sleep(0.2)
     raise AssertionError(f"job {job_id} still {job['status']} after {timeout} s")
+
+
+# ---------------------------------------------------------------- the LLaMA-2 stand-in
+
+LLAMA2_STANDIN_ARTICLES = 400  # AG News training articles the stand-in's SentencePiece model learns from
+
+
+def make_llama2_standin(out_dir: Path, articles: list[str], *, seed: int = 0, vocab_size: int = 1000,
+                        hidden: int = 64, layers: int = 2, heads: int = 4) -> Path:
+    """A tiny random LlamaForCausalLM shaped like LLaMA-2, with a real SentencePiece tokenizer.
+
+    LLaMA-2's structure at toy size: untied input/output embeddings, as many key/value heads as heads
+    (no GQA), RoPE theta 10000 without scaling, RMSNorm eps 1e-5, 4096 positions, no pad token. The
+    tokenizer is a SentencePiece BPE model trained here on `articles` with LLaMA-2's trainer settings
+    (byte fallback, digits split, identity normalisation, a leading-space marker, <unk>/<s>/</s> as ids
+    0/1/2) and saved as a Hugging Face LlamaTokenizer checkpoint that adds BOS, as LLaMA-2's does.
+    Nothing is downloaded.
+    """
+    import io
+
+    import sentencepiece as spm
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model_proto = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(articles), model_writer=model_proto, model_type="bpe", vocab_size=vocab_size,
+        byte_fallback=True, split_digits=True, normalization_rule_name="identity", add_dummy_prefix=True,
+        remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, character_coverage=1.0,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2)
+    (out_dir / "tokenizer.model").write_bytes(model_proto.getvalue())
+    tok = LlamaTokenizer.from_pretrained(out_dir, add_bos_token=True, add_eos_token=False, legacy=False)
+    tok.save_pretrained(out_dir)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 11 // 4,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                      max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0,
+                      tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=None)
+    torch.manual_seed(seed)
+    LlamaForCausalLM(cfg).save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def llama2_standin_dir(ag_news_dir, tmp_path_factory) -> Path:
+    """The LLaMA-2 stand-in (see make_llama2_standin), its tokenizer trained on AG News articles."""
+    import json
+    with (ag_news_dir / "train.jsonl").open(encoding="utf-8") as fh:
+        articles = [json.loads(line)["text"] for _, line in zip(range(LLAMA2_STANDIN_ARTICLES), fh)]
+    return make_llama2_standin(tmp_path_factory.mktemp("llama2") / "llama2-standin", articles)
+
+
+# ---------------------------------------------------------------- contracts for hand-made artifacts
+
+def make_dataset_meta(*, label_names: list[str], template: str = "alpaca", instruction: str,
+                      hash: str = "fixture", name: str = "fixture"):
+    """A valid `DatasetMeta` for a dataset folder a test writes by hand (prep writes the real ones)."""
+    from core.contracts.dataset import DatasetMeta
+    return DatasetMeta(name=name, hash=hash, created_at="2026-01-01T00:00:00+00:00", code_version="test",
+                       sources={}, label_names=list(label_names),
+                       label_map={n: i for i, n in enumerate(label_names)}, template=template,
+                       instruction=instruction, counts={}, spec={})

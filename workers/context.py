@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
+from core.contracts.judge import JudgeRow
+from core.contracts.prediction import PredictionRow
+
 log = logging.getLogger("newslora")
 
 
@@ -32,11 +35,17 @@ class JobContext(Protocol):
     def check_cancel(self) -> None:
         """Raise JobCancelled if the job was cancelled. Call it at each step boundary."""
 
-    def save_predictions(self, rows: Sequence[dict[str, Any]]) -> None:
+    def save_predictions(self, rows: Sequence[PredictionRow]) -> None:
         """Store per-item predictions (idempotent on (job, item_id): a re-run overwrites, never duplicates)."""
+
+    def stored_predictions(self) -> list[PredictionRow]:
+        """Every prediction stored for this job so far, by any attempt (a resumed job reports over all)."""
 
     def done_item_ids(self) -> set[str]:
         """Item ids that already have a stored prediction (so a re-delivered job skips them)."""
+
+    def save_judge_rows(self, rows: Sequence[JudgeRow]) -> None:
+        """Store judged items (idempotent on (job, item_id)): the judge's own sink."""
 
 
 @dataclass
@@ -48,6 +57,7 @@ class LocalContext:
     cancel_after_checks: int | None = None  # tests: cancel at the N-th check_cancel()
     events: list[dict[str, Any]] = field(default_factory=list)
     predictions: dict[str, dict[str, Any]] = field(default_factory=dict)
+    judge_rows: dict[str, dict[str, Any]] = field(default_factory=dict)
     _checks: int = 0
 
     def event(self, message: str, *, level: str = "info", metrics: dict[str, Any] | None = None) -> None:
@@ -63,9 +73,18 @@ class LocalContext:
         if self.cancel_after_checks is not None and self._checks >= self.cancel_after_checks:
             raise JobCancelled("cancelled")
 
-    def save_predictions(self, rows: Sequence[dict[str, Any]]) -> None:
+    def save_predictions(self, rows: Sequence[PredictionRow]) -> None:
         for r in rows:
-            self.predictions[str(r["item_id"])] = dict(r)
+            row = PredictionRow.model_validate(r)
+            self.predictions[row.item_id] = row.model_dump(mode="json", exclude={"format_version"})
+
+    def stored_predictions(self) -> list[PredictionRow]:
+        return sorted((PredictionRow.model_validate(r) for r in self.predictions.values()), key=lambda r: r.seq)
 
     def done_item_ids(self) -> set[str]:
         return set(self.predictions)
+
+    def save_judge_rows(self, rows: Sequence[JudgeRow]) -> None:
+        for r in rows:
+            row = JudgeRow.model_validate(r)
+            self.judge_rows[row.item_id] = row.model_dump(mode="json", exclude={"format_version"})

@@ -16,10 +16,14 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from core.contracts.evaluation import EvaluationDoc
+from workers.baseline import BaselineCorpus, BaselineUnavailable, baseline_predictions
 from workers.specs.evaluate import EvaluateSpec
 
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
@@ -347,6 +351,33 @@ def compare_models(preds_a: Sequence[Pred], preds_b: Sequence[Pred], *, label_na
 
 
 # --------------------------------------------------------------------------------------------------
+# The classical baseline
+
+
+def _baseline_block(corpus: BaselineCorpus | None, runs: Mapping[str, Sequence[Pred]], label_names: Sequence[str], base: str,
+                    bootstrap: int, seed: int, missing: list[str]) -> dict[str, Any] | None:
+    """TF-IDF + linear SVM (`workers.baseline`) fitted on the train split and scored on the base run's items:
+    {name, method, source, n_train, n_features, fit_s, predict_s, n_items, n_not_found, metrics,
+    comparisons {model: compare_models(baseline, model)}}, or None (with the reason in `missing`)."""
+    if corpus is None:
+        missing.append("no classical baseline: the classify jobs did not read a prepared dataset with a train split")
+        return None
+    try:
+        preds, info = baseline_predictions(corpus, [str(p["item_id"]) for p in runs[base]])
+    except BaselineUnavailable as e:
+        missing.append(f"no classical baseline: {e}")
+        return None
+    if info["n_not_found"]:
+        missing.append(f"{info['name']}: {info['n_not_found']} evaluated items are not in {info['source']}; "
+                       f"scored on the other {info['n_items']}")
+    # b: the baseline right and the model wrong; c: the reverse. difference: model - baseline.
+    comparisons = {name: compare_models(preds, run, label_names=label_names, bootstrap=bootstrap, seed=seed)
+                   for name, run in runs.items()}
+    return {**info, "metrics": compute_metrics(preds, label_names, bootstrap=bootstrap, seed=seed),
+            "comparisons": comparisons}
+
+
+# --------------------------------------------------------------------------------------------------
 # The whole evaluation
 
 
@@ -365,11 +396,30 @@ def _judge_block(rows_by_model: Mapping[str, Sequence[Mapping[str, Any]]] | None
     return summaries, cmps
 
 
+def _judge_validity(judge_summary: Mapping[str, Mapping[str, Any]], dialogue_summary: Mapping[str, Mapping[str, Any]],
+                    missing: list[str]) -> dict[str, Any] | None:
+    """Each judge run's control-set result, and the runs whose scores are not evidence (flagged in `missing`)."""
+    from workers.judge import validity_line
+
+    if not judge_summary and not dialogue_summary:
+        return None
+    out: dict[str, Any] = {"judge": {}, "dialogue": {}, "not_evidence": []}
+    for block, summaries in (("judge", judge_summary), ("dialogue", dialogue_summary)):
+        for name, summ in summaries.items():
+            out[block][name] = summ.get("validity")
+            if not summ.get("evidence"):
+                what = "judge" if block == "judge" else "general-instruction judge"
+                out["not_evidence"].append(f"{block}:{name}")
+                missing.append(f"{name}: {what} scores are not evidence - {validity_line(summ.get('validity'))}")
+    return out
+
+
 def evaluate_runs(runs: Mapping[str, Sequence[Pred]], label_names: Sequence[str],
                   judge: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
                   spec: EvaluateSpec | None = None, *,
                   generate_runs: Mapping[str, Sequence[Pred]] | None = None,
-                  dialogue: Mapping[str, Sequence[Mapping[str, Any]]] | None = None) -> dict[str, Any]:
+                  dialogue: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
+                  baseline: BaselineCorpus | None = None) -> dict[str, Any]:
     """The evaluation document: per-model metrics, paired comparisons against the base, judge summaries.
 
     Args:
@@ -380,12 +430,16 @@ def evaluate_runs(runs: Mapping[str, Sequence[Pred]], label_names: Sequence[str]
         generate_runs: model name -> generate-mode predictions (accuracy of free answers and instruction
             following), or None.
         dialogue: model name -> judge rows over the general-instruction set (workers/data/dialogue.jsonl).
+        baseline: the train split and the evaluated items' texts (`workers.baseline.load_corpus`): a TF-IDF +
+            linear SVM is fitted on it and scored on the base run's items; None notes it as missing.
 
     Returns:
         JSON-ready {name, label_names, base, models {name: metrics}, generate {name: metrics},
         comparisons {name: compare_models(base, name)}, generate_comparisons, judge {name: summary},
         judge_comparisons {name: paired judge-score change vs the base}, dialogue and
-        dialogue_comparisons (the same for the general-instruction set), missing [what could not be
+        dialogue_comparisons (the same for the general-instruction set), judge_validity {judge {name: control
+        result}, dialogue {...}, not_evidence [block:name of each judge run that did not beat chance]} | None, baseline {name, method, fit_s, ...,
+        metrics, comparisons {name: compare_models(baseline, name)}} | None, missing [what could not be
         computed and why], spec}.
 
     Raises:
@@ -422,6 +476,7 @@ def evaluate_runs(runs: Mapping[str, Sequence[Pred]], label_names: Sequence[str]
                            f"{cmp['missing']['n_only_in_b']} only in {name}; compared on {cmp['n_paired']} shared")
     if len(names) < 2:
         missing.append("only one model: no paired comparison (add the base or fine-tuned run)")
+    baseline_doc = _baseline_block(baseline, runs, label_names, base, bootstrap, seed, missing)
 
     generate, generate_cmp = {}, {}
     for name, preds in (generate_runs or {}).items():
@@ -452,6 +507,7 @@ def evaluate_runs(runs: Mapping[str, Sequence[Pred]], label_names: Sequence[str]
         if summ["n_unscored"]:
             missing.append(f"{name}: the judge could not score {summ['n_unscored']} of {summ['n']} "
                            f"general-instruction answers")
+    judge_validity = _judge_validity(judge_summary, dialogue_summary, missing)
 
     return {
         "name": spec.name if spec is not None else None,
@@ -465,6 +521,63 @@ def evaluate_runs(runs: Mapping[str, Sequence[Pred]], label_names: Sequence[str]
         "judge_comparisons": judge_cmp,
         "dialogue": dialogue_summary,
         "dialogue_comparisons": dialogue_cmp,
+        "judge_validity": judge_validity,
+        "baseline": baseline_doc,
         "missing": missing,
         "spec": spec_dump,
     }
+
+
+# --------------------------------------------------------------------------------------------------
+# The evaluate job
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class EvaluationInputs:
+    """What an evaluate job reads from the store, by model name (the first run is the base)."""
+
+    runs: dict[str, list[dict[str, Any]]]
+    label_names: list[str]
+    generate_runs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    judged: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    dialogue: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    models_used: dict[str, Any] = field(default_factory=dict)
+    run_dir: Path | None = None  # the fine-tuned adapter's training run (its metrics.jsonl)
+    dataset_dir: Path | None = None  # the prepared dataset the runs scored (the classical baseline's data)
+    split: str = "test"
+
+
+def run_evaluation(spec: EvaluateSpec, inputs: EvaluationInputs, ctx: Any, *,
+                   report_dir: Path) -> tuple[EvaluationDoc, str | None]:
+    """The evaluate job: metrics, comparisons, judge summaries, the classical baseline, the report.
+
+    Returns:
+        (the evaluation document, checked against its contract; the report's path or None).
+
+    Raises:
+        ValueError: no runs, or no label names.
+    """
+    from core.contracts.metrics import read_metrics
+    from workers.baseline import load_corpus
+    from workers.report import write_report
+
+    if not inputs.runs:
+        raise ValueError("no classify jobs to evaluate")
+    if not inputs.label_names:
+        raise ValueError("the classify jobs recorded no label names")
+    ctx.event(f"evaluating {', '.join(inputs.runs)} on {len(next(iter(inputs.runs.values())))} items")
+    corpus = load_corpus(inputs.dataset_dir, inputs.split) if inputs.dataset_dir is not None else None
+    doc = evaluate_runs(inputs.runs, inputs.label_names, inputs.judged or None, spec,
+                        generate_runs=inputs.generate_runs or None, dialogue=inputs.dialogue or None,
+                        baseline=corpus)
+    doc["models_used"] = inputs.models_used
+    history = [r.model_dump(exclude_none=True, exclude={"format_version"})
+               for r in read_metrics(inputs.run_dir)] if inputs.run_dir is not None else []
+    if history:
+        doc["loss_history"] = history
+    evaluation = EvaluationDoc.validated(doc, where="the evaluation document")
+    report_path = None
+    if spec.report:
+        report_path = str(write_report(evaluation.model_dump(mode="json"), report_dir, loss_history=history or None))
+        ctx.event(f"report written: {report_path}")
+    return evaluation, report_path

@@ -1,19 +1,18 @@
 """Batched classification: a job's items through the base model or an adapter, predictions stored per batch.
 
-Plain functions; the Celery task (`workers/tasks.py`) resolves the spec and calls them:
-
-    items, rejected = load_items(spec, dataset_dir)
-    engine = get_engine(spec.model, dtype=spec.dtype, device=spec.device)
-    summary = classify_items(items, engine=engine, model_ref=spec.model, adapter=AdapterRef(7, path),
-                             label_names=[...], instruction="...", template="alpaca", spec=spec, ctx=ctx)
+Plain functions; the Celery task (`workers/tasks.py`) looks up the dataset folder and adapter the spec
+names and calls `run_classify(spec, ctx, dataset_dir=..., adapter=AdapterRef(7, path))`, which returns a
+`ClassifyResult` over every stored item of the job (a resumed job included).
 """
 from __future__ import annotations
 
-import math
 import time
 from collections import Counter
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
+from core.contracts.prediction import PredictionRow
+from core.contracts.results import ClassifyResult
 from workers.context import JobContext
 from workers.inference.engine import (AdapterError, AdapterMeta, AdapterRef, InferenceEngine, clear_engines,
                                       get_engine, read_adapter_meta)
@@ -23,9 +22,54 @@ from workers.modeling.generation import generate, parse_label
 from workers.modeling.scoring import score_labels, softmax_probs
 from workers.specs.classify import ClassifySpec
 
-__all__ = ["classify_items", "load_items", "get_engine", "clear_engines", "InferenceEngine", "AdapterRef",
+__all__ = ["run_classify", "classify_items", "load_items", "get_engine", "clear_engines", "InferenceEngine", "AdapterRef",
            "AdapterMeta", "AdapterError", "InputFileError", "LabelTokensError", "read_adapter_meta",
            "read_text_strict", "parse_label"]
+
+
+def run_classify(spec: ClassifySpec, ctx: JobContext, *, dataset_dir: Path | None = None,
+                 adapter: AdapterRef | None = None, shard: Callable[[int], None] | None = None) -> ClassifyResult:
+    """A classify job: resolve the prompt, read the items, classify them, report over every stored item.
+
+    The prompt (labels, instruction, template) comes from the spec where given, else from the adapter's
+    newslora.json, else from the dataset's meta.json, else AG News's defaults - never re-typed.
+
+    Args:
+        dataset_dir: the prepared dataset folder the spec's dataset_id names (None without one).
+        adapter: the adapter the spec's adapter_id names (None for the base model).
+        shard: called with the number of valid items before any is classified; it may hand them to shard
+            jobs instead (`workers.shards.split`, which then raises `ShardsPending`).
+
+    Raises:
+        InputFileError, AdapterError, ValueError: see `load_items` and `classify_items`.
+    """
+    from core.contracts.dataset import DatasetMeta
+    from workers.modeling.prompts import default_instruction
+    from workers.specs.prep import AG_NEWS_LABELS
+    sources = []
+    if adapter is not None:
+        sources.append(read_adapter_meta(adapter.path))
+    if dataset_dir is not None:
+        sources.append(DatasetMeta.load(dataset_dir))
+    label_names = spec.label_names or next((m.label_names for m in sources if m.label_names), list(AG_NEWS_LABELS))
+    instruction = spec.instruction or next((m.instruction for m in sources if m.instruction), None) \
+        or default_instruction(label_names)
+    template = spec.template or next((m.template for m in sources if m.template), "alpaca")
+    items, rejected = load_items(spec, dataset_dir)
+    if rejected and spec.shard is None:  # a shard's input is its parent's: the parent stored the rejected
+        ctx.save_predictions([PredictionRow(item_id=r["id"], error=r["reason"], flags=["rejected"],
+                                            seq=r.get("seq", 0), model=spec.model, adapter_id=spec.adapter_id)
+                              for r in rejected])
+        ctx.event(f"{len(rejected)} items rejected", level="warning",
+                  metrics={"rejected": len(rejected), "examples": rejected[:5]})
+    if shard is not None:
+        shard(len(items))
+    engine = get_engine(spec.model, dtype=spec.dtype, device=spec.device)
+    summary = classify_items(items, engine=engine, model_ref=spec.model, adapter=adapter, label_names=label_names,
+                             instruction=instruction, template=template, spec=spec, ctx=ctx)
+    return ClassifyResult(**summary, rejected=0 if spec.shard else len(rejected), label_names=label_names, template=template,
+                          instruction=instruction, dataset_id=spec.dataset_id, adapter_id=spec.adapter_id,
+                          model=spec.model)
 
 
 def classify_items(items: list[dict], *, engine: InferenceEngine, model_ref: str, adapter: AdapterRef | None,
@@ -62,7 +106,7 @@ def classify_items(items: list[dict], *, engine: InferenceEngine, model_ref: str
     done_ids = ctx.done_item_ids()
     adapter_id = adapter.adapter_id if adapter is not None else None
     failed: list[dict[str, Any]] = []
-    early_rows: list[dict[str, Any]] = []
+    early_rows: list[PredictionRow] = []
     todo: list[dict[str, Any]] = []
     seen: set[str] = set()
     skipped = 0
@@ -87,8 +131,7 @@ def classify_items(items: list[dict], *, engine: InferenceEngine, model_ref: str
     if early_rows:
         ctx.save_predictions(early_rows)
 
-    truncated = 0
-    predicted: list[dict[str, Any]] = []
+    predicted: list[PredictionRow] = []
     with engine.use(adapter) as key:
         if adapter is not None:
             _check_adapter_prompt(engine.adapter_meta(adapter), adapter, template, label_names, instruction, ctx)
@@ -123,7 +166,6 @@ def classify_items(items: list[dict], *, engine: InferenceEngine, model_ref: str
             for j, i in enumerate(idx):
                 it = todo[i]
                 flags = ["truncated"] if encoded[i].truncated else []
-                truncated += encoded[i].truncated
                 if generating:
                     label = parse_label(responses[j], label_names)
                     if label is None:
@@ -141,8 +183,9 @@ def classify_items(items: list[dict], *, engine: InferenceEngine, model_ref: str
             rate = n_done / max(time.perf_counter() - t_work, 1e-9)
             ctx.progress(n_done, len(todo), message="classified", items_per_s=round(rate, 3),
                          eta_s=round((len(todo) - n_done) / rate, 1))
-    return _summary(spec.mode, predicted, failed, skipped=skipped, truncated=truncated, total=len(items),
-                    seconds=time.perf_counter() - start, label_names=label_names)
+    duplicates = [f for f in failed if f["error"].startswith("duplicate id")]
+    return _summary(spec.mode, ctx.stored_predictions(), duplicates, skipped=skipped, attempt_rows=len(predicted),
+                    total=len(items), seconds=time.perf_counter() - start, label_names=label_names)
 
 
 def _check_adapter_prompt(meta: AdapterMeta, adapter: AdapterRef, template: str, label_names: list[str],
@@ -161,26 +204,32 @@ def _check_adapter_prompt(meta: AdapterMeta, adapter: AdapterRef, template: str,
 
 def _row(it: dict, n: int, *, label: str | None, model: str, adapter_id: int | None, probs: dict | None = None,
          response: str | None = None, follows: bool | None = None, flags: list[str] | None = None,
-         error: str | None = None, latency_ms: float | None = None) -> dict[str, Any]:
-    return {"item_id": str(it["id"]), "seq": it.get("seq", n), "label": label, "probs": probs, "response": response,
-            "follows_instruction": follows, "gold": it.get("label"),
-            "latency_ms": None if latency_ms is None else round(latency_ms, 3), "flags": flags or [],
-            "error": error, "model": model, "adapter_id": adapter_id}
+         error: str | None = None, latency_ms: float | None = None) -> PredictionRow:
+    return PredictionRow(item_id=str(it["id"]), seq=it.get("seq", n), label=label, probs=probs, response=response,
+                         follows_instruction=follows, gold=it.get("label"),
+                         latency_ms=None if latency_ms is None else round(latency_ms, 3), flags=flags or [],
+                         error=error, model=model, adapter_id=adapter_id)
 
 
-def _summary(mode: str, rows: list[dict], failed: list[dict], *, skipped: int, truncated: int, total: int,
-             seconds: float, label_names: list[str]) -> dict[str, Any]:
-    counts = Counter(r["label"] for r in rows if r["label"] is not None)
-    gold = [r for r in rows if r["gold"] is not None]
+def _summary(mode: str, stored: list[PredictionRow], duplicates: list[dict], *, skipped: int, attempt_rows: int,
+             total: int, seconds: float, label_names: list[str]) -> dict[str, Any]:
+    """Counts and accuracy over every stored item of the job (all attempts), timings of this attempt."""
+    stored = [r for r in stored if "rejected" not in r.flags]
+    done = [r for r in stored if r.error is None]
+    failed = [{"item_id": r.item_id, "seq": r.seq, "error": r.error} for r in stored if r.error is not None]
+    failed += duplicates
+    counts = Counter(r.label for r in done if r.label is not None)
+    gold = [r for r in done if r.gold is not None]
     out: dict[str, Any] = {
-        "mode": mode, "total": total, "classified": len(rows), "skipped_done": skipped,
-        "n_failed": len(failed), "failed": failed, "truncated": truncated,
+        "mode": mode, "total": total, "classified": len(done), "skipped_done": skipped,
+        "attempt_classified": attempt_rows, "n_failed": len(failed), "failed": failed,
+        "truncated": sum("truncated" in r.flags for r in done),
         "counts": {name: counts.get(name, 0) for name in label_names},
-        "seconds": round(seconds, 3), "items_per_s": round(len(rows) / seconds, 3) if seconds > 0 else math.nan,
+        "seconds": round(seconds, 3), "items_per_s": round(attempt_rows / seconds, 3) if seconds > 0 else None,
     }
     if gold:
         out["n_gold"] = len(gold)
-        out["accuracy"] = sum(r["label"] == r["gold"] for r in gold) / len(gold)
+        out["accuracy"] = sum(r.label == r.gold for r in gold) / len(gold)
     if mode == "generate":
-        out["following_rate"] = (sum(bool(r["follows_instruction"]) for r in rows) / len(rows)) if rows else None
+        out["following_rate"] = (sum(bool(r.follows_instruction) for r in done) / len(done)) if done else None
     return out

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from workers.specs.prep import SourceSpec
+from workers.specs.prep import AG_NEWS_LABELS, SourceSpec
 
 
 class PrepError(ValueError):
@@ -60,18 +60,19 @@ class LoadedSource:
     info: dict[str, Any] = field(default_factory=dict)  # provenance for meta.json
 
 
-def load_source(key: str, spec: SourceSpec, label_names: list[str]) -> LoadedSource:
+def load_source(key: str, spec: SourceSpec, label_names: list[str] | None) -> LoadedSource:
     """Read one source's rows.
 
     Args:
         key: "train" or "test", the PrepSpec field (used in messages and record ids).
         spec: where and how to read.
-        label_names: the dataset's labels; integer labels are ids into this list from `spec.first_label_id`,
-            unless the source names its own (AG News classes.txt, a hub ClassLabel).
+        label_names: the dataset's labels (None: AG News's); integer labels are ids into this list from
+            `spec.first_label_id`, unless the source names its own (AG News classes.txt, a hub ClassLabel).
 
     Raises:
         PrepError: the file is missing, is not what its extension says, lacks a column, or cannot be parsed.
     """
+    label_names = list(label_names or AG_NEWS_LABELS)
     fmt = detect_format(spec)
     if fmt == "hub":
         return _load_hub(key, spec, label_names)
@@ -103,6 +104,24 @@ def load_source(key: str, spec: SourceSpec, label_names: list[str]) -> LoadedSou
             info["classes_file"] = None
         rows = _read_agnews_csv(path, text)
     return LoadedSource(key, spec, str(path), fmt, "line", rows, id_names, info)
+
+
+def label_names_in(rows: Iterable[RawRow]) -> set[str] | None:
+    """The distinct label names of the usable rows, where every label is a name (a string that is not an
+    integer id); None where any label is an integer id or not a string. Empty labels are left out (they
+    are bad rows)."""
+    names: set[str] = set()
+    for r in rows:
+        if r.problem:
+            continue
+        if not isinstance(r.label, str):
+            return None
+        name = r.label.strip()
+        if name.lstrip("-").isdigit():
+            return None
+        if name:
+            names.add(name)
+    return names
 
 
 def detect_format(spec: SourceSpec) -> str:

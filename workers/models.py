@@ -17,7 +17,8 @@ from typing import Any
 
 import yaml
 
-from broker.settings import get_settings
+from core.atomic import atomic_dir
+from core.settings import get_settings
 
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 MODEL_PRESETS_DIR = CONFIGS_DIR / "models"
@@ -35,7 +36,10 @@ class ModelPreset:
     package: str | None = None
     gguf_file: str | None = None
     local_dir: str | None = None
+    # The torchtune backend's LoRA model builder (an import path that workers.train.torchtune_backend.BUILDERS
+    # knows) and its HF checkpointer's model_type; None: chosen from the checkpoint's config.json.
     torchtune_builder: str | None = None
+    torchtune_model_type: str | None = None
 
 
 def model_presets() -> dict[str, ModelPreset]:
@@ -107,25 +111,19 @@ def convert_gguf(gguf_dir: Path, gguf_file: str, target: Path) -> Path:
     """De-quantise a GGUF checkpoint into a safetensors checkpoint folder (once; atomic rename)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
-    quantised = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file)
-    # The de-quantised model still carries its GGUF quantisation config and refuses to save:
-    # copy its weights into a plain model of the same config.
-    cfg = quantised.config.to_dict()
-    cfg.pop("quantization_config", None)
-    cfg.pop("architectures", None)
-    plain = LlamaForCausalLM(LlamaConfig(**cfg))
-    plain.load_state_dict(quantised.state_dict(), strict=True)
-    plain.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    (tmp / "newslora_source.json").write_text(json.dumps({"gguf_dir": str(gguf_dir), "gguf_file": gguf_file}))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if target.exists():  # another process won the race
-        import shutil
-        shutil.rmtree(tmp, ignore_errors=True)
-        return target
-    tmp.rename(target)
+    with atomic_dir(target, exists="keep") as tmp:  # "keep": another process may convert it first
+        tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
+        quantised = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file)
+        # The de-quantised model still carries its GGUF quantisation config and refuses to save:
+        # copy its weights into a plain model of the same config.
+        cfg = quantised.config.to_dict()
+        cfg.pop("quantization_config", None)
+        cfg.pop("architectures", None)
+        plain = LlamaForCausalLM(LlamaConfig(**cfg))
+        plain.load_state_dict(quantised.state_dict(), strict=True)
+        plain.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "newslora_source.json").write_text(json.dumps({"gguf_dir": str(gguf_dir), "gguf_file": gguf_file}))
     return target
 
 

@@ -5,6 +5,10 @@ its children finishes. It reads the children, fails the pipeline with a child's 
 stages whose inputs are ready (each child once: its idempotency key is `pipeline:<id>:<stage>`), and
 finishes the pipeline when the evaluation is stored.
 
+A pipeline never hangs: every stage spec was checked when it was submitted (PipelineSpec), an advance
+that raises fails the pipeline with the error, a cancel ends it whatever its state, and each advance
+renews its lease, so the reaper advances again a pipeline nobody has looked at for a lease.
+
 Stages: prep -> train; prep -> classify/generate with the base model; train -> classify/generate with
 the adapter; generate -> judge; (base, adapter) -> dialogue judge; all -> evaluate (report).
 """
@@ -12,20 +16,22 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any, Callable
 
+from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
 
 from broker.app import enqueue
+from core.settings import get_settings
 from db import jobs as jobq
 from db import results as resq
-from db.models import TERMINAL, Job
+from db.models import TERMINAL, Job, utcnow
 from db.session import session_scope
-from workers.specs import QUEUES, PipelineSpec, parse_spec
+from workers.specs import QUEUES, PipelineSpec, parse_spec, spec_hash
 from workers.version import code_version
 
 log = logging.getLogger("newslora.pipeline")
-PIPELINE_LEASE_S = 10 * 365 * 86400  # a pipeline is never "stale": its children hold the real leases
 
 
 @dataclass
@@ -40,14 +46,8 @@ class Stage:
 
 
 def stages_for(spec: PipelineSpec) -> list[Stage]:
-    """The stage graph for a pipeline spec (names are stable: they key the children)."""
-    eval_common = {"model": spec.model, "split": "test"}
-    score = {**spec.classify, **eval_common, "mode": "score"}
-    if spec.eval_limit:
-        score["limit"] = spec.eval_limit
-    gen = {"max_new_tokens": 8, **spec.generate, **eval_common, "mode": "generate"}
-    if spec.generate_limit:
-        gen["limit"] = spec.generate_limit
+    """The stage graph for a pipeline spec (names are stable: they key the children). The child specs are
+    built by PipelineSpec (`train_spec`, `score_spec`, ...), which checked every one at submission."""
 
     def ds(r):
         return r["prep"]["dataset_id"]
@@ -57,34 +57,26 @@ def stages_for(spec: PipelineSpec) -> list[Stage]:
 
     st = [
         Stage("prep", "prep", [], lambda r: spec.prep.model_dump(mode="json"), reuse=_reuse_dataset),
-        Stage("train", "train", ["prep"], lambda r: {**spec.train, "model": spec.model, "dataset_id": ds(r)},
+        Stage("train", "train", ["prep"], lambda r: spec.train_spec(ds(r)),
               reuse=_reuse_adapter if spec.reuse_adapter else None),
-        Stage("classify_base", "classify", ["prep"], lambda r: {**score, "dataset_id": ds(r)}),
-        Stage("classify_adapter", "classify", ["train"],
-              lambda r: {**score, "dataset_id": ds(r), "adapter_id": ad(r)}),
+        Stage("classify_base", "classify", ["prep"], lambda r: spec.score_spec(ds(r))),
+        Stage("classify_adapter", "classify", ["train"], lambda r: spec.score_spec(ds(r), ad(r))),
     ]
     if spec.generate_limit:
         st += [
-            Stage("generate_base", "classify", ["prep"], lambda r: {**gen, "dataset_id": ds(r)}),
-            Stage("generate_adapter", "classify", ["train"],
-                  lambda r: {**gen, "dataset_id": ds(r), "adapter_id": ad(r)}),
+            Stage("generate_base", "classify", ["prep"], lambda r: spec.generate_spec(ds(r))),
+            Stage("generate_adapter", "classify", ["train"], lambda r: spec.generate_spec(ds(r), ad(r))),
         ]
-        if spec.judge is not None:
-            # Each stage gets its own dict: the lambdas close over the name, not its value at this line.
-            judge_gen = {k: v for k, v in spec.judge.items() if k != "dialogue"}
-            st += [
-                Stage("judge_base", "judge", ["generate_base"],
-                      lambda r: {**judge_gen, "classify_job_id": r["generate_base"]["job_id"]}),
-                Stage("judge_adapter", "judge", ["generate_adapter"],
-                      lambda r: {**judge_gen, "classify_job_id": r["generate_adapter"]["job_id"]}),
-            ]
-    if spec.judge is not None and spec.judge.get("dialogue", True):
-        judge_dlg = {k: v for k, v in spec.judge.items() if k not in ("dialogue", "sample")}
+    if spec.judges_generations:
         st += [
-            Stage("dialogue_base", "judge", ["prep"],
-                  lambda r: {**judge_dlg, "dialogue": True, "model": spec.model, "sample": None}),
-            Stage("dialogue_adapter", "judge", ["train"],
-                  lambda r: {**judge_dlg, "dialogue": True, "model": spec.model, "adapter_id": ad(r), "sample": None}),
+            Stage("judge_base", "judge", ["generate_base"], lambda r: spec.judge_spec(r["generate_base"]["job_id"])),
+            Stage("judge_adapter", "judge", ["generate_adapter"],
+                  lambda r: spec.judge_spec(r["generate_adapter"]["job_id"])),
+        ]
+    if spec.judges_dialogue:
+        st += [
+            Stage("dialogue_base", "judge", ["prep"], lambda r: spec.dialogue_spec()),
+            Stage("dialogue_adapter", "judge", ["train"], lambda r: spec.dialogue_spec(ad(r))),
         ]
     names = [s.name for s in st]
 
@@ -101,14 +93,12 @@ def stages_for(spec: PipelineSpec) -> list[Stage]:
 
 
 def _reuse_dataset(child_spec: dict[str, Any]) -> dict[str, Any] | None:
-    from workers.tasks import spec_hash
     with session_scope() as s:
         ds = resq.dataset_by_spec_hash(spec_hash(parse_spec("prep", child_spec).model_dump(mode="json")), session=s)
         return {"dataset_id": ds.id, "job_id": ds.job_id, "reused": True} if ds else None
 
 
 def _reuse_adapter(child_spec: dict[str, Any]) -> dict[str, Any] | None:
-    from workers.tasks import spec_hash
     norm = parse_spec("train", child_spec).model_dump(mode="json")
     with session_scope() as s:
         ds = resq.get_dataset(norm["dataset_id"], session=s)
@@ -125,7 +115,54 @@ def _stage_of(child: Job, pipeline_id: int) -> str | None:
 
 
 def advance(pipeline_id: int) -> str:
-    """Move a pipeline on by one look at its children. Returns its status afterwards."""
+    """Move a pipeline on by one look at its children. Returns its status afterwards.
+
+    A pipeline never waits on something that cannot happen: any error here (a stage spec that does not
+    build, a stored spec this code cannot read, a bug) fails the pipeline with that error as its message
+    and cancels its children. Only a store or broker outage is raised: the reaper advances the pipeline
+    again once its lease has run out.
+    """
+    try:
+        return _advance(pipeline_id)
+    except _OUTAGES:
+        log.warning("pipeline %s: the store or broker is unavailable; the reaper will advance it again",
+                    pipeline_id)
+        raise
+    except Exception as e:  # noqa: BLE001 - recorded on the pipeline's row, with its reason
+        log.exception("pipeline %s: advance failed", pipeline_id)
+        return _fail(pipeline_id, str(e) if isinstance(e, StageError) else _describe(e))
+
+
+class StageError(RuntimeError):
+    """A stage's child job could not be built or created; the message names the stage."""
+
+
+def _describe(e: Exception) -> str:
+    """An error as one line: `loc: message` per item for a validation error, else `Type: message`."""
+    if isinstance(e, ValidationError):
+        return "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" if err["loc"] else err["msg"]
+                         for err in e.errors(include_url=False))
+    return f"{type(e).__name__}: {e}"
+
+
+def _outages() -> tuple[type[BaseException], ...]:
+    from kombu.exceptions import OperationalError as BrokerUnavailable
+    from sqlalchemy.exc import InterfaceError, OperationalError
+    from db.session import StoreUnavailable
+    return (OperationalError, InterfaceError, StoreUnavailable, BrokerUnavailable, ConnectionError)
+
+
+_OUTAGES = _outages()
+
+
+def pipeline_lease_s() -> float:
+    """How long a pipeline may go without being advanced before the reaper advances it again
+    (workers/runner.py requeue_stale_jobs): a lost "child finished" message, or a cancel that no child
+    will report, then costs at most this long."""
+    return get_settings().lease_s
+
+
+def _advance(pipeline_id: int) -> str:
     with session_scope() as s:
         job = s.get(Job, pipeline_id)
         if job is None:
@@ -133,20 +170,22 @@ def advance(pipeline_id: int) -> str:
         if job.status in TERMINAL:
             return job.status
         if job.status == "queued":
-            outcome = jobq.claim(pipeline_id, "pipeline", session=s, lease_s=PIPELINE_LEASE_S)
+            outcome = jobq.claim(pipeline_id, "pipeline", session=s, lease_s=pipeline_lease_s())
             if outcome == "cancelled":
                 return "cancelled"
-        spec = PipelineSpec.model_validate(job.spec)
+        else:  # every look renews the lease: past it, the reaper looks again
+            job.lease_expires_at = utcnow() + timedelta(seconds=pipeline_lease_s())
         kids = {_stage_of(c, pipeline_id): c for c in jobq.children(pipeline_id, session=s)}
         state: dict[str, Any] = dict((job.result or {}).get("stages") or {})
         cancel = job.cancel_requested
+        raw_spec = job.spec
     kids.pop(None, None)
 
-    if cancel:
-        if all(c.status in TERMINAL for c in kids.values()):
+    if cancel:  # whatever the state: cancel what still runs, end the pipeline once none does
+        if _cancel_children(pipeline_id) == 0:
             _finish(pipeline_id, "cancelled", state)
             return "cancelled"
-        return "running"
+        return "running"  # a running child stops at its next step, then advances this pipeline
 
     for name, child in kids.items():
         if child.status == "failed":
@@ -155,25 +194,35 @@ def advance(pipeline_id: int) -> str:
                     error=f"stage {name} (job {child.id}) failed: {child.error}")
             return "failed"
         if child.status == "cancelled":
+            _cancel_children(pipeline_id)
             _finish(pipeline_id, "cancelled", state, error=f"stage {name} (job {child.id}) was cancelled")
             return "cancelled"
         if child.status == "succeeded" and name not in state:
             state[name] = {"job_id": child.id, **_keep(child.result or {})}
 
+    try:
+        spec = PipelineSpec.model_validate(raw_spec)
+    except ValidationError as e:
+        raise StageError(f"the stored pipeline spec does not validate: {_describe(e)}") from None
     stages = stages_for(spec)
     for stage in stages:
         if stage.name in state or stage.name in kids:
             continue
         if not all(d in state for d in stage.deps):
             continue
-        child_spec = stage.build(state)
-        if stage.reuse is not None:
-            reused = stage.reuse(child_spec)
+        try:
+            child_spec = stage.build(state)
+            reused = stage.reuse(child_spec) if stage.reuse is not None else None
             if reused is not None:
                 state[stage.name] = reused
                 _event(pipeline_id, f"stage {stage.name}: reusing {reused}")
-                return _save_and_continue(pipeline_id, state)
-        _create_child(pipeline_id, stage, child_spec)
+                _save_state(pipeline_id, state)
+                return _advance(pipeline_id)
+            _create_child(pipeline_id, stage, child_spec)
+        except _OUTAGES:
+            raise
+        except Exception as e:  # noqa: BLE001 - named after its stage, then recorded by advance()
+            raise StageError(f"stage {stage.name}: {_describe(e)}") from e
 
     done = sum(1 for st in stages if st.name in state)
     _save_state(pipeline_id, state, progress=done / len(stages))
@@ -186,15 +235,22 @@ def advance(pipeline_id: int) -> str:
     return "running"
 
 
+def _fail(pipeline_id: int, error: str) -> str:
+    """End a pipeline `failed` with `error`, cancelling its children (its stages so far stay in its result)."""
+    with session_scope() as s:
+        job = s.get(Job, pipeline_id)
+        if job is None or job.status in TERMINAL:
+            return job.status if job is not None else "missing"
+        state = dict((job.result or {}).get("stages") or {})
+    _cancel_children(pipeline_id)
+    _finish(pipeline_id, "failed", state, error=error)
+    return "failed"
+
+
 def _keep(result: dict[str, Any]) -> dict[str, Any]:
     """The few result fields later stages and the summary need (not whole metric blobs)."""
     keys = ("dataset_id", "adapter_id", "evaluation_id", "report_path", "accuracy", "items_per_s", "n_items")
     return {k: result[k] for k in keys if k in result}
-
-
-def _save_and_continue(pipeline_id: int, state: dict[str, Any]) -> str:
-    _save_state(pipeline_id, state)
-    return advance(pipeline_id)
 
 
 def _save_state(pipeline_id: int, state: dict[str, Any], progress: float | None = None) -> None:
@@ -211,6 +267,9 @@ def _create_child(pipeline_id: int, stage: Stage, child_spec: dict[str, Any]) ->
     key = f"pipeline:{pipeline_id}:{stage.name}"
     try:
         with session_scope() as s:
+            parent = s.get(Job, pipeline_id)
+            if parent is None or parent.status in TERMINAL or parent.cancel_requested:
+                return  # cancelled (or finished) while this advance looked: start nothing more
             if jobq.find_by_idempotency_key(key, session=s) is not None:
                 return
             child = jobq.create_job(session=s, kind=stage.kind, queue=QUEUES[stage.kind], spec=spec,
@@ -228,11 +287,18 @@ def _event(pipeline_id: int, message: str) -> None:
         jobq.add_event(pipeline_id, message, session=s)
 
 
-def _cancel_children(pipeline_id: int) -> None:
+def _cancel_children(pipeline_id: int) -> int:
+    """Ask every unfinished child to stop (a queued one ends at once). Returns how many still run."""
     with session_scope() as s:
+        running = 0
         for c in jobq.children(pipeline_id, session=s):
-            if c.status not in TERMINAL:
-                jobq.request_cancel(c.id, session=s)
+            if c.status not in TERMINAL and not c.cancel_requested:
+                try:
+                    c = jobq.request_cancel(c.id, session=s)
+                except jobq.JobStateConflict:  # it finished meanwhile
+                    s.refresh(c)
+            running += c.status not in TERMINAL
+        return running
 
 
 def _finish(pipeline_id: int, status: str, state: dict[str, Any], *, error: str | None = None,

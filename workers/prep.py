@@ -19,30 +19,33 @@ from __future__ import annotations
 import hashlib
 import html
 import json
-import os
 import random
 import re
-import shutil
 import time
-import uuid
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
+from core.atomic import atomic_dir
+from core.contracts.base import ContractError
+from core.contracts.dataset import DatasetMeta
 from workers.context import JobContext
-from workers.loaders import LoadedSource, PrepError, load_source
-from workers.prompts import default_instruction, split_prompt
-from workers.specs.prep import PrepSpec
+from workers.loaders import LoadedSource, PrepError, label_names_in, load_source
+from workers.modeling.prompts import default_instruction, split_prompt
+from workers.specs.prep import AG_NEWS_LABELS, PrepSpec
 from workers.version import code_version
 
 __all__ = ["PrepError", "prepare_dataset", "load_records", "read_meta", "clean_text", "token_lengths",
            "SPLITS", "META_VERSION"]
 
 SPLITS = ("train", "validation", "test")
-META_VERSION = 1
+META_VERSION = DatasetMeta.FORMAT_VERSION
 PHASES = ("setup", "load", "clean", "dedupe", "split", "tokenize", "write")
+
+# More distinct string labels than this is a label_column that holds something else (a title, an id).
+MAX_LABELS_FROM_DATA = 256
 
 # Rows dropped for these reasons are not bad input: they are counted in meta.json but never fail a run.
 NOT_BAD = frozenset({"blank_line", "duplicate", "duplicate_label_conflict", "in_test", "over_cap"})
@@ -219,9 +222,10 @@ def _label_id(value: Any, id_names: dict[int, str], label_index: dict[str, int])
     return label_index[name], ""
 
 
-def _examples(src: LoadedSource, spec: PrepSpec, drops: DropLog, cleaned: Counter) -> list[Example]:
+def _examples(src: LoadedSource, spec: PrepSpec, label_names: list[str], drops: DropLog,
+              cleaned: Counter) -> list[Example]:
     """Clean and check each row of a source; bad rows fail the run or are dropped and counted."""
-    label_index = {n: i for i, n in enumerate(spec.label_names)}
+    label_index = {n: i for i, n in enumerate(label_names)}
     out = []
     for r in src.rows:
         if r.problem:
@@ -315,9 +319,9 @@ def _cap_test(examples: list[Example], spec: PrepSpec, src: LoadedSource, drops:
     return kept
 
 
-def _record(ex: Example, spec: PrepSpec, instruction: str) -> dict[str, Any]:
+def _record(ex: Example, spec: PrepSpec, label_names: list[str], instruction: str) -> dict[str, Any]:
     rec = {"id": f"{ex.source}-{ex.row}", "instruction": instruction, "input": ex.text,
-           "output": spec.label_names[ex.label_id], "label_id": ex.label_id}
+           "output": label_names[ex.label_id], "label_id": ex.label_id}
     if spec.keep_raw:
         rec["raw"] = ex.raw
     return rec
@@ -414,17 +418,6 @@ def _write_split(path: Path, records: list[dict[str, Any]]) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _replace_dir(tmp: Path, out_dir: Path) -> None:
-    """Move the finished temp folder into place; a previous dataset there is replaced."""
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
-        out_dir.rename(old)
-        tmp.rename(out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out_dir)
-
-
 # ---------------------------------------------------------------------------------------------------
 # The job
 # ---------------------------------------------------------------------------------------------------
@@ -466,7 +459,6 @@ def prepare_dataset(spec: PrepSpec, out_dir: Path, ctx: JobContext) -> dict[str,
     """
     out_dir = Path(out_dir)
     _check_out_dir(out_dir)
-    instruction = spec.instruction or default_instruction(spec.label_names)
     phases = _Phases(ctx)
     tokenizer = _load_tokenizer(spec)
     phases.done("setup")
@@ -474,10 +466,15 @@ def prepare_dataset(spec: PrepSpec, out_dir: Path, ctx: JobContext) -> dict[str,
     sources = {"train": load_source("train", spec.train, spec.label_names)}
     if spec.test is not None:
         sources["test"] = load_source("test", spec.test, spec.label_names)
+    label_names, label_source = _label_names(spec, sources)
+    if label_source == "data":
+        ctx.event(f"prep: label_names not given; using the {len(label_names)} labels found in the data, sorted: "
+                  f"{', '.join(label_names)}", metrics={"label_names": label_names})
+    instruction = spec.instruction or default_instruction(label_names)
     phases.done("load", rows=sum(len(s.rows) for s in sources.values()))
 
     drops, cleaned = DropLog(spec.on_bad_rows), Counter()
-    examples = {key: _examples(src, spec, drops, cleaned) for key, src in sources.items()}
+    examples = {key: _examples(src, spec, label_names, drops, cleaned) for key, src in sources.items()}
     phases.done("clean", rows=sum(map(len, examples.values())))
 
     test = _dedupe(examples["test"], sources["test"], drops) if "test" in examples else []
@@ -490,7 +487,7 @@ def prepare_dataset(spec: PrepSpec, out_dir: Path, ctx: JobContext) -> dict[str,
     if not train:
         raise PrepError(f"{sources['train'].where}: no train rows are left after removing those also in the "
                         f"test split and the validation split; give a train source that differs from the test one")
-    splits = {name: [_record(ex, spec, instruction) for ex in sorted(exs, key=lambda e: e.row)]
+    splits = {name: [_record(ex, spec, label_names, instruction) for ex in sorted(exs, key=lambda e: e.row)]
               for name, exs in (("train", train), ("validation", val), ("test", test))}
     phases.done("split", **{name: len(recs) for name, recs in splits.items()})
 
@@ -498,11 +495,40 @@ def prepare_dataset(spec: PrepSpec, out_dir: Path, ctx: JobContext) -> dict[str,
     phases.done("tokenize", rows=sum(map(len, splits.values())))
 
     drops.report(ctx, sources)
-    meta = _meta(spec, instruction, sources, examples, splits, lengths, cleaned, drops)
+    meta = _meta(spec, label_names, label_source, instruction, sources, examples, splits, lengths, cleaned, drops)
     _write_artifact(out_dir, splits, meta, phases)
     ctx.event(f"prep: wrote {out_dir}", metrics={n: meta["splits"][n]["records"] for n in SPLITS}
               | {"hash": meta["hash"]})
     return meta
+
+
+def _label_names(spec: PrepSpec, sources: dict[str, LoadedSource]) -> tuple[list[str], str]:
+    """The dataset's labels and where they came from: "spec" (given, or AG News's four by default) or "data"
+    (not given, and every label in the sources is a name: the distinct names, sorted).
+
+    Raises:
+        PrepError: the names found are too few (one) or too many to be labels.
+    """
+    if spec.label_names is not None:
+        return list(spec.label_names), "spec"
+    found: set[str] = set()
+    for src in sources.values():
+        names = label_names_in(src.rows)
+        if names is None:  # integer ids: AG News's names (or the source's classes.txt / ClassLabel)
+            return list(AG_NEWS_LABELS), "spec"
+        found |= names
+    if not found or found <= set(AG_NEWS_LABELS):  # AG News named: keep its label ids
+        return list(AG_NEWS_LABELS), "spec"
+    where = sources["train"].where
+    col = sources["train"].spec.label_column
+    if len(found) < 2:
+        raise PrepError(f"{where}: every row has the label {next(iter(found))!r} in column {col!r}; a classifier "
+                        f"needs two labels or more: check label_column, or give label_names")
+    if len(found) > MAX_LABELS_FROM_DATA:
+        raise PrepError(f"{where}: column {col!r} holds {len(found):,} distinct values (e.g. "
+                        f"{', '.join(map(repr, sorted(found)[:3]))}), too many to be labels: check label_column, "
+                        f"or give label_names to use them all")
+    return sorted(found), "data"
 
 
 def _length_stats(tokenizer, spec: PrepSpec, instruction: str,
@@ -521,7 +547,8 @@ def _length_stats(tokenizer, spec: PrepSpec, instruction: str,
     return stats
 
 
-def _meta(spec: PrepSpec, instruction: str, sources: dict[str, LoadedSource], examples: dict[str, list[Example]],
+def _meta(spec: PrepSpec, label_names: list[str], label_source: str, instruction: str,
+          sources: dict[str, LoadedSource], examples: dict[str, list[Example]],
           splits: dict[str, list[dict[str, Any]]], lengths: dict[str, Any] | None, cleaned: Counter,
           drops: DropLog) -> dict[str, Any]:
     return {
@@ -532,12 +559,13 @@ def _meta(spec: PrepSpec, instruction: str, sources: dict[str, LoadedSource], ex
         "code_version": code_version(),
         "sources": {key: {**src.info, "rows_read": len(src.rows), "rows_kept": len(examples[key])}
                     for key, src in sources.items()},
-        "label_names": list(spec.label_names),
-        "label_map": {name: i for i, name in enumerate(spec.label_names)},
+        "label_names": list(label_names),
+        "label_map": {name: i for i, name in enumerate(label_names)},
+        "label_source": label_source,
         "template": spec.template,
         "instruction": instruction,
         "splits": {},
-        "counts": {name: {label: sum(r["output"] == label for r in recs) for label in spec.label_names}
+        "counts": {name: {label: sum(r["output"] == label for r in recs) for label in label_names}
                    for name, recs in splits.items()},
         "token_lengths": lengths,
         "cleaned": dict(sorted(cleaned.items())),
@@ -551,10 +579,7 @@ def _write_artifact(out_dir: Path, splits: dict[str, list[dict[str, Any]]], meta
                     phases: _Phases) -> None:
     """Write the splits and meta.json (filling in its hashes) into a temp folder beside out_dir, then rename it
     into place; on any failure, cancellation included, the temp folder is removed."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        tmp.mkdir()
+    with atomic_dir(out_dir) as tmp:
         content = hashlib.sha256()
         for name in SPLITS:
             digest = _write_split(tmp / f"{name}.jsonl", splits[name])
@@ -563,35 +588,23 @@ def _write_artifact(out_dir: Path, splits: dict[str, list[dict[str, Any]]], meta
         meta["hash"] = content.hexdigest()
         phases.done("write", bytes=sum((tmp / f"{n}.jsonl").stat().st_size for n in SPLITS))
         meta["timings_s"] = phases.seconds
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        DatasetMeta.validated(meta, where="the meta.json being written").save(tmp)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Reading the artifact
 # ---------------------------------------------------------------------------------------------------
 
-def read_meta(dataset_dir: Path) -> dict[str, Any]:
-    """The meta.json of a prepared dataset.
+def read_meta(dataset_dir: Path) -> DatasetMeta:
+    """The meta.json of a prepared dataset, checked against its contract.
 
     Raises:
-        PrepError: the folder holds no (readable) meta.json.
+        PrepError: the folder holds no meta.json, or one that does not match `DatasetMeta`.
     """
-    f = Path(dataset_dir) / "meta.json"
-    if not f.is_file():
-        raise PrepError(f"{dataset_dir} has no meta.json: it is not a prepared dataset; make one with a prep "
-                        f"job (workers.prep.prepare_dataset)")
     try:
-        meta = json.loads(f.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PrepError(f"{f} is not valid JSON ({e}): re-run the prep job that made {dataset_dir}") from None
-    if meta.get("format_version") != META_VERSION:
-        raise PrepError(f"{f} has format_version {meta.get('format_version')!r}, this code reads {META_VERSION}: "
-                        f"re-run the prep job")
-    return meta
+        return DatasetMeta.load(dataset_dir)
+    except ContractError as e:
+        raise PrepError(str(e)) from None
 
 
 def load_records(dataset_dir: Path, split: str, *, verify: bool = True) -> list[dict[str, Any]]:
@@ -607,12 +620,12 @@ def load_records(dataset_dir: Path, split: str, *, verify: bool = True) -> list[
     if split not in SPLITS:
         raise PrepError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
     meta = read_meta(dataset_dir)
-    f = Path(dataset_dir) / meta["splits"][split]["file"]
+    f = Path(dataset_dir) / meta.splits[split].file
     try:
         data = f.read_bytes()
     except OSError as e:
         raise PrepError(f"{f} cannot be read ({e.strerror}): re-run the prep job that made {dataset_dir}") from None
-    if verify and hashlib.sha256(data).hexdigest() != meta["splits"][split]["sha256"]:
+    if verify and hashlib.sha256(data).hexdigest() != meta.splits[split].sha256:
         raise PrepError(f"{f} changed after it was prepared (its sha256 differs from meta.json): re-run the prep "
                         f"job rather than editing a prepared dataset")
     return [json.loads(line) for line in data.decode("utf-8").splitlines() if line]

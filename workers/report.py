@@ -58,25 +58,57 @@ def _p(p: float | None) -> str:
     return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
 
 
+_SCALE_TITLES = {"coherence": "coherence", "following": "instruction following", "score": "score"}
+
+
 def _judge_rows(ev: Mapping[str, Any], block: str, label: str, names: Sequence[str],
                 others: Sequence[str]) -> list[list[str]]:
-    """Summary rows for a block of judge summaries ("judge" or "dialogue") and its "<block>_comparisons"."""
+    """Summary rows for a block of judge summaries ("judge" or "dialogue") and its "<block>_comparisons":
+    first the judge's validity on its control set, then a row per scale, labelled "not evidence" where the
+    judge did not beat chance on its control."""
     summaries, cmps = ev.get(block) or {}, ev.get(f"{block}_comparisons") or {}
     if not summaries:
         return []
-    rows = []
-    for key, title in (("coherence", "coherence"), ("following", "instruction following")):
-        row = [f"{label}: {title} 0-100 (95% CI)"]
+    rows = [[f"{label}: validity, prefers the correct answer (95% CI)"]
+            + [_validity_cell(summaries.get(n)) for n in names] + ["" for _ in others]]
+    scales = next((s["scales"] for s in summaries.values() if s.get("scales")), ["coherence", "following"])
+    for key in scales:
+        row = [f"{label}: {_SCALE_TITLES.get(key, key)} 0-100 (95% CI)"]
         for n in names:
             s = summaries.get(n)
             m = s.get(key) if s else None
-            row.append(f"{_num(m['mean'], m.get('ci')) if m else '–'} (scored {s['n_scored']}, "
-                       f"unscored {s['n_unscored']})" if s else "–")
+            row.append(f"{_num(m['mean'], m.get('ci')) if m else '–'} (scored {m['n'] if m else 0}, "
+                       f"unscored {s['n'] - (m['n'] if m else 0)})" + ("" if s.get("evidence", True) else
+                                                                       "; not evidence") if s else "–")
         for n in others:
             d = (cmps.get(n) or {}).get(key)
             row.append(f"{_num(d['mean'], d.get('ci'), signed=True)} (paired n={d['n']})" if d else "–")
         rows.append(row)
     return rows
+
+
+def _validity_cell(s: Mapping[str, Any] | None) -> str:
+    if not s:
+        return "–"
+    v = s.get("validity")
+    if not v or not v.get("n_pairs"):
+        return "no control set: not evidence"
+    cell = f"{v['k_correct']} of {v['n_pairs']}, {_pct(v['rate'], v['ci'])}"
+    a = v.get("self_agreement")
+    if a and a.get("n"):
+        cell += f"; self-agreement {a['k_within']} of {a['n']}"
+    return cell + ("" if v["beats_chance"] else "; NOT above chance: not evidence")
+
+
+def judge_validity_lines(ev: Mapping[str, Any]) -> list[str]:
+    """One line per judge run: what its control set showed (`workers.judge.validity_line`)."""
+    from workers.judge import validity_line
+    lines = []
+    for block, title in (("judge", "judge"), ("dialogue", "general-instruction judge")):
+        for name, s in (ev.get(block) or {}).items():
+            lines.append(f"{title} of {name} ({s.get('backend')} {s.get('judge_model')}, {s.get('rubric') or 'two-score'}"
+                         f" rubric, {s.get('scoring') or 'text'} scoring): {validity_line(s.get('validity'))}")
+    return lines
 
 
 def summary_rows(ev: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
@@ -130,7 +162,40 @@ def summary_rows(ev: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
 
     for block, label in (("judge", "judge"), ("dialogue", "general instructions, judge")):
         rows += _judge_rows(ev, block, label, names, others)
+    _add_baseline_columns(ev, header, rows)
     return header, rows
+
+
+def _add_baseline_columns(ev: Mapping[str, Any], header: list[str], rows: list[list[str]]) -> None:
+    """The classical baseline's column beside the models', and each fine-tuned model's change against it
+    (McNemar on the paired items) at the end. Rows it has no figure for get "–"."""
+    bl = ev.get("baseline")
+    if not bl:
+        return
+    names = _models(ev)
+    base = ev.get("base") or names[0]
+    vs = [n for n in names if n != base] or names  # the fine-tuned models (the base alone if it is alone)
+    m, cmps, bname = bl["metrics"], bl.get("comparisons") or {}, bl["name"]
+    at = 1 + len(names)
+    header.insert(at, bname)
+    header += [f"{n} − {bname}" for n in vs]
+
+    def acc_change(n: str) -> str:
+        c = cmps.get(n)
+        return (f"{_pct(c['difference']['value'], c['difference'].get('ci'), signed=True)}; McNemar "
+                f"{_p(c['mcnemar']['p_value'])} (b={c['b']}, c={c['c']})" if c else "–")
+
+    def f1_change(n: str) -> str:
+        a, b = m["macro_f1"]["value"], ((ev["models"].get(n) or {}).get("macro_f1") or {}).get("value")
+        return _pct(b - a, signed=True) if a is not None and b is not None else "–"
+
+    cells = {"accuracy (95% CI)": (_pct(m["accuracy"]["value"], m["accuracy"].get("ci")), acc_change),
+             "macro-F1 (95% CI)": (_pct(m["macro_f1"]["value"], m["macro_f1"].get("ci")), f1_change),
+             "failed items (counted wrong)": (f"{m['n_failed']} of {m['n']}", lambda n: "")}
+    for r in rows:
+        own, change = cells.get(r[0], ("–", lambda n: ""))
+        r.insert(at, own)
+        r += [change(n) for n in vs]
 
 
 def per_class_rows(ev: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
@@ -152,6 +217,12 @@ def per_class_rows(ev: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
             pc = models[n]["per_class"].get(lab)
             row += [f"{pc[k]:.3f}" for k in ("precision", "recall", "f1")] if pc else ["–"] * 3
         rows.append(row)
+    bl = ev.get("baseline")
+    if bl:  # the classical baseline's precision / recall / F1 after the models'
+        header += [f"{bl['name']} {k}" for k in ("P", "R", "F1")]
+        for lab, row in zip(classes, rows):
+            pc = bl["metrics"]["per_class"].get(lab)
+            row += [f"{pc[k]:.3f}" for k in ("precision", "recall", "f1")] if pc else ["–"] * 3
     return header, rows
 
 
@@ -260,18 +331,44 @@ def plot_loss(loss_history: Sequence[Mapping[str, Any]]) -> Figure | None:
     return fig
 
 
+def plot_time_to_accuracy(loss_history: Sequence[Mapping[str, Any]],
+                          ev: Mapping[str, Any] | None = None) -> Figure | None:
+    """Validation accuracy against training seconds (eval rows {val_accuracy, train_s}), with the classical
+    baseline's accuracy on the evaluated items as a dashed reference line when the evaluation has one."""
+    pts = [(float(r["train_s"]), float(r["val_accuracy"])) for r in loss_history
+           if r.get("val_accuracy") is not None and r.get("train_s") is not None]
+    if not pts:
+        return None
+    pts.sort()
+    fig = _fig(6.0, 3.8)
+    ax = fig.subplots()
+    ax.plot(*zip(*pts), color=COLOURS[2], marker="o", lw=1.5, label="validation accuracy")
+    bl = (ev or {}).get("baseline")
+    if bl:
+        acc = bl["metrics"]["accuracy"]["value"]
+        ax.axhline(acc, color="grey", ls="--", lw=1, label=f"{bl['name']} on the evaluated items ({acc * 100:.1f}%)")
+    ax.set_xlabel("training seconds (optimizer steps, validation excluded)")
+    ax.set_ylabel("accuracy")
+    ax.set_title("time to accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    return fig
+
+
 def plot_judge(ev: Mapping[str, Any], block: str = "judge") -> Figure | None:
-    """Score histograms of each judged model, coherence and instruction following side by side."""
+    """Score histograms of each judged model, one panel per scale of the rubric."""
     judge = ev.get(block) or {}
     if not judge:
         return None
-    fig = _fig(9.0, 3.6)
-    axes = fig.subplots(1, 2)
-    for ax, key in zip(axes, ("coherence", "following")):
+    scales = next((s["scales"] for s in judge.values() if s.get("scales")), ["coherence", "following"])
+    fig = _fig(4.5 * len(scales), 3.6)
+    axes = fig.subplots(1, len(scales), squeeze=False)[0]
+    for ax, key in zip(axes, scales):
         for k, (n, s) in enumerate(judge.items()):
             edges = np.asarray(s["histogram"]["edges"], dtype=float)
-            counts = np.asarray(s["histogram"][key], dtype=float)
-            ax.stairs(counts, edges, label=f"{n} (scored {s['n_scored']}, unscored {s['n_unscored']})",
+            counts = np.asarray(s["histogram"].get(key) or np.zeros(len(edges) - 1), dtype=float)
+            ax.stairs(counts, edges, label=f"{n} (scored {s['n_scored']}, unscored {s['n_unscored']})"
+                      + ("" if s.get("evidence", True) else ", not evidence"),
                       color=COLOURS[k % len(COLOURS)], lw=2, fill=len(judge) == 1, alpha=0.8)
         ax.set_xlim(0, 100)
         ax.set_xlabel(f"{key} score")
@@ -301,6 +398,16 @@ th{background:#f3f3f3} img{max-width:100%;display:block;margin:.5rem 0 1.5rem}
 """
 
 
+def _baseline_note(ev: Mapping[str, Any]) -> str:
+    bl = ev.get("baseline")
+    if not bl:
+        return ""
+    return (f"<p class='note'>{html.escape(bl['name'])}: {html.escape(bl['method'])}, fitted on "
+            f"{bl['n_train']} training texts in {bl['fit_s']:.1f} s and scored on the same {bl['n_items']} items "
+            f"as the models. The changes against it are paired (b = the baseline right and the model wrong, "
+            f"c = the reverse).</p>")
+
+
 def write_report(evaluation: Mapping[str, Any], out_dir: Path, *,
                  loss_history: Sequence[Mapping[str, Any]] | None = None) -> Path:
     """Write `report.html` and its PNG plots (also embedded in the page) into out_dir.
@@ -308,7 +415,8 @@ def write_report(evaluation: Mapping[str, Any], out_dir: Path, *,
     Args:
         evaluation: the document from `workers.evaluate.evaluate_runs`.
         out_dir: created if needed.
-        loss_history: training rows {step, loss, val_loss?}, for the loss curves.
+        loss_history: training rows {step, loss, val_loss?, val_accuracy?, train_s?}, for the loss curves
+            and the time-to-accuracy plot.
 
     Returns:
         The path of report.html.
@@ -335,6 +443,7 @@ def write_report(evaluation: Mapping[str, Any], out_dir: Path, *,
     save(plot_per_class_f1(evaluation), "per_class_f1.png")
     save(plot_calibration(evaluation), "calibration.png")
     save(plot_loss(loss_history) if loss_history else None, "loss.png")
+    save(plot_time_to_accuracy(loss_history, evaluation) if loss_history else None, "time_to_accuracy.png")
     save(plot_judge(evaluation), "judge_scores.png")
     save(plot_judge(evaluation, "dialogue"), "dialogue_scores.png")
 
@@ -355,11 +464,14 @@ def write_report(evaluation: Mapping[str, Any], out_dir: Path, *,
         "paired differences: bootstrap 95% intervals. Accuracy differences: McNemar test on the items both "
         "models answered (b = base right and the other wrong, c = the reverse; exact binomial below 25 "
         "discordant pairs). Failed items count as wrong.</p>",
+        _baseline_note(evaluation),
         "<h2 id='per-class'>Per class</h2>", _table(*per_class_rows(evaluation)),
         "<h2 id='confusion'>Confusion matrices</h2>", img("confusion.png", "confusion matrices"),
         "<h2 id='f1'>Per-class F1</h2>", img("per_class_f1.png", "per-class F1"),
         "<h2 id='calibration'>Calibration</h2>", img("calibration.png", "reliability diagram"),
         "<h2 id='loss'>Training and validation loss</h2>", img("loss.png", "loss curves"),
+        "<h2 id='time-to-accuracy'>Time to accuracy</h2>",
+        img("time_to_accuracy.png", "validation accuracy against training seconds"),
         "<h2 id='judge'>Judge scores</h2>", img("judge_scores.png", "judge score distributions"),
         "<h2 id='dialogue'>General instructions (judged)</h2>",
         "<p class='note'>Answers to the shipped general-instruction set, scored by the judge: does fine-tuning "
@@ -368,12 +480,20 @@ def write_report(evaluation: Mapping[str, Any], out_dir: Path, *,
     ]
     jrows = [[f"{n} ({block})", str(s.get("judge_model")), str(s.get("backend")), str(s.get("model_digest"))[:24],
               str(s.get("rubric_version")), str(s["n_scored"]), str(s["n_unscored"]),
-              ", ".join(f"{k}: {v}" for k, v in s["unscored_reasons"].items())]
+              ", ".join(f"{k}: {v}" for k, v in s["unscored_reasons"].items()), _validity_cell(s)]
              for block in ("judge", "dialogue") for n, s in (evaluation.get(block) or {}).items()]
     if jrows:
         parts.append("<h3>Judges</h3>")
         parts.append(_table(["model judged", "judge", "backend", "digest", "rubric", "scored", "unscored",
-                             "unscored reasons"], jrows))
+                             "unscored reasons", "validity on its control set"], jrows))
+        parts.append("<p class='note'>Validity: before its scores count as evidence, each judge run also scores a "
+                     "control set built from the same task (for the same article, the gold label's answer and a "
+                     "wrong label's; for a general instruction, its reference answer and another item's). A pair "
+                     "counts only when the correct answer scores strictly higher (ties and unscored answers count "
+                     "against the judge); Wilson 95% intervals; chance is 50%. Self-agreement: repeated control "
+                     "items scored within 5 points of their first score.</p>")
+        parts.append("<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in judge_validity_lines(evaluation))
+                     + "</ul>")
     missing = evaluation.get("missing") or []
     parts.append("<h2 id='missing'>Missing or partial</h2>")
     parts.append("<ul>" + "".join(f"<li>{html.escape(m)}</li>" for m in missing) + "</ul>" if missing
@@ -398,6 +518,12 @@ def render_table(evaluation: Mapping[str, Any], *, width: int = 140) -> str:
         for r in rows:
             table.add_row(*r)
         console.print(table)
+    bl = evaluation.get("baseline")
+    if bl:
+        console.print(f"baseline {bl['name']}: {bl['method']}, fitted on {bl['n_train']} texts in {bl['fit_s']:.1f} s, "
+                      f"scored on {bl['n_items']} items", highlight=False)
+    for line in judge_validity_lines(evaluation):
+        console.print(line, highlight=False)
     for m in evaluation.get("missing") or []:
         console.print(f"note: {m}", highlight=False)
     return buf.getvalue()

@@ -20,7 +20,9 @@ from db import jobs as jobq
 from db import results as resq
 from db.models import Job
 from db.session import session_scope
-from broker.settings import get_settings
+from core.contracts.judge import JudgeRow
+from core.contracts.prediction import PredictionRow
+from core.settings import get_settings
 from workers.context import JobCancelled
 from workers.specs import parse_spec
 
@@ -82,6 +84,7 @@ class StoreContext:
         self._stop = threading.Event()
         self._last_progress_write = 0.0
         self._last_progress_event = 0.0
+        self.shard_parent: int | None = None  # a shard of a sharded classify job: its progress rolls up there
         self._thread = threading.Thread(target=self._heartbeat, name=f"heartbeat-{job_id}", daemon=True)
 
     # -- lifecycle
@@ -127,6 +130,9 @@ class StoreContext:
                 jobq.set_progress(self.job_id, frac, info, session=s)
                 if with_event:
                     jobq.add_event(self.job_id, message or "progress", session=s, metrics=info)
+                if self.shard_parent is not None:
+                    from workers.shards import roll_up
+                    roll_up(self.shard_parent, session=s)
         _with_store_retries(self.job_id, "progress", write)
         if with_event:
             self._last_progress_event = now
@@ -139,15 +145,31 @@ class StoreContext:
         if time.monotonic() > self._deadline:
             raise JobTimedOut(f"exceeded its time limit of {self._time_limit_s:.0f} s")
 
-    def save_predictions(self, rows: Sequence[dict[str, Any]]) -> None:
+    def save_predictions(self, rows: Sequence[PredictionRow]) -> None:
         if self._lost.is_set():
             raise LeaseLost(f"job {self.job_id}: another worker took it over")
-        clean = [_jsonable(r) for r in rows]
+        clean = [PredictionRow.model_validate(_jsonable(r) if isinstance(r, dict) else r) for r in rows]
 
         def write() -> None:  # an upsert: a retry after a half-sent write stores each item once
             with session_scope() as s:
                 resq.save_predictions(self.job_id, clean, session=s)
         _with_store_retries(self.job_id, "predictions", write)
+
+    def stored_predictions(self) -> list[PredictionRow]:
+        def read() -> list[PredictionRow]:
+            with session_scope() as s:
+                return resq.prediction_rows(self.job_id, session=s)
+        return _with_store_retries(self.job_id, "(reading) its stored predictions", read)
+
+    def save_judge_rows(self, rows: Sequence[JudgeRow]) -> None:
+        if self._lost.is_set():
+            raise LeaseLost(f"job {self.job_id}: another worker took it over")
+        clean = [JudgeRow.model_validate(_jsonable(r) if isinstance(r, dict) else r) for r in rows]
+
+        def write() -> None:
+            with session_scope() as s:
+                resq.save_judge_scores(self.job_id, clean, session=s)
+        _with_store_retries(self.job_id, "judge rows", write)
 
     def done_item_ids(self) -> set[str]:
         def read() -> set[str]:
@@ -200,6 +222,8 @@ def run_job(job_id: int, kind: str, handler: Handler, *, worker: str | None = No
     work_dir = s.path("jobs", str(job_id))
     ctx = StoreContext(job_id, worker, work_dir, time_limit_s=s.job_time_limit_s)
     ctx.start()
+    from workers.shards import ShardsPending, is_shard
+    ctx.shard_parent = job.parent_id if is_shard(job) else None
     try:
         spec = parse_spec(kind, job.spec)
         result = handler(job, spec, ctx)
@@ -210,6 +234,11 @@ def run_job(job_id: int, kind: str, handler: Handler, *, worker: str | None = No
     except LeaseLost:
         log.warning("job %s: lease lost to another worker; stopping without recording", job_id)
         return "lease_lost"
+    except ShardsPending as e:  # the job stays running; its shards roll up into it and finish it
+        log.info("%s", e)
+        from broker.app import enqueue_advance
+        enqueue_advance(job_id)  # a re-run whose shards had all ended is finished at once
+        return "sharded"
     except Exception as e:  # noqa: BLE001 - every failure is recorded on the row, with its reason
         from celery.exceptions import SoftTimeLimitExceeded
         if isinstance(e, SoftTimeLimitExceeded):
@@ -253,7 +282,16 @@ def requeue_stale_jobs() -> list[int]:
     from broker.app import enqueue
     with session_scope() as s:
         stale = [(j.id, j.kind, j.queue) for j in jobq.stale_running_jobs(session=s)]
-    for job_id, kind, queue in stale:
-        log.warning("job %s: its worker stopped renewing the lease; re-queueing", job_id)
+        lost = [(j.id, j.kind, j.queue) for j in jobq.stale_queued_jobs(
+            session=s, older_than_s=get_settings().requeue_queued_after_s)]
+    for job_id, kind, queue in lost:  # a duplicate of a message that was not lost is dropped by the lease
+        log.warning("job %s: queued for over %.0f s; re-sending its message in case the broker lost it", job_id,
+                    get_settings().requeue_queued_after_s)
         enqueue(job_id, kind, queue)
-    return [j for j, _, _ in stale]
+    for job_id, kind, queue in stale:
+        if kind == "pipeline":  # nobody advanced it for a lease (a lost message, a cancel no child reports)
+            log.info("pipeline %s: no progress within its lease; advancing it again", job_id)
+        else:
+            log.warning("job %s: its worker stopped renewing the lease; re-queueing", job_id)
+        enqueue(job_id, kind, queue)
+    return [j for j, _, _ in stale + lost]

@@ -6,8 +6,6 @@ does the lease, heartbeat, cancel and terminal transition around it.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import shutil
 import time
@@ -17,18 +15,16 @@ from typing import Any
 from celery.signals import worker_ready
 
 from broker.app import TASK_NAMES, ADVANCE_PIPELINE, app
-from broker.settings import get_settings
+from core.settings import get_settings
 from db import results as resq
 from db.models import Job
 from db.session import session_scope
+from workers.pipeline import advance
 from workers.runner import StoreContext, requeue_stale_jobs, run_job
+from workers.specs import spec_hash
 from workers.version import code_version
 
 log = logging.getLogger("newslora.tasks")
-
-
-def spec_hash(spec: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
 class InputError(ValueError):
@@ -66,7 +62,10 @@ def _dataset_dir(dataset_id: int) -> tuple[Path, Any]:
         if ds is None:
             raise InputError(f"dataset {dataset_id} is not prepared: run a prep job first (`newslora prep ...`) "
                              f"and use the dataset_id it reports")
-        return Path(ds.path), ds
+    if not Path(ds.path).is_dir():
+        raise InputError(f"dataset {dataset_id}'s folder {ds.path} is not readable on this worker: mount the "
+                         f"shared artifact volume (NEWSLORA_HOME) at the same path on every worker")
+    return Path(ds.path), ds
 
 
 def _run_train(job: Job, spec, ctx: StoreContext) -> dict[str, Any]:
@@ -94,119 +93,52 @@ def _adapter(adapter_id: int):
 
 
 def _run_classify(job: Job, spec, ctx: StoreContext) -> dict[str, Any]:
-    from workers.infer import AdapterRef, classify_items, get_engine, load_items
-    dataset_dir, ds = (None, None)
-    if spec.dataset_id is not None:
-        dataset_dir, ds = _dataset_dir(spec.dataset_id)
-    adapter = None
-    label_names, instruction, template = spec.label_names, spec.instruction, spec.template
-    if spec.adapter_id is not None:
-        adapter_path, meta = _adapter_meta(spec.adapter_id)
-        adapter = AdapterRef(adapter_id=spec.adapter_id, path=adapter_path)
-        label_names = label_names or meta.get("label_names")
-        instruction = instruction or meta.get("instruction")
-        template = template or meta.get("template")
-    if ds is not None:
-        label_names = label_names or ds.meta.get("label_names")
-        instruction = instruction or ds.meta.get("instruction")
-        template = template or ds.meta.get("template")
-    from workers.prompts import default_instruction
-    from workers.specs.prep import AG_NEWS_LABELS
-    label_names = label_names or list(AG_NEWS_LABELS)
-    instruction = instruction or default_instruction(label_names)
-    template = template or "alpaca"
-    items, rejected = load_items(spec, dataset_dir)
-    if rejected:
-        ctx.save_predictions([{"item_id": r["id"], "label": None, "error": r["reason"], "flags": ["rejected"],
-                               "seq": r.get("seq", 0), "model": spec.model, "adapter_id": spec.adapter_id}
-                              for r in rejected])
-        ctx.event(f"{len(rejected)} items rejected", level="warning",
-                  metrics={"rejected": len(rejected), "examples": rejected[:5]})
-    engine = get_engine(spec.model, dtype=spec.dtype, device=spec.device)
-    summary = classify_items(items, engine=engine, model_ref=spec.model, adapter=adapter, label_names=label_names,
-                             instruction=instruction, template=template, spec=spec, ctx=ctx)
-    return {**summary, "rejected": len(rejected), "label_names": label_names, "template": template,
-            "dataset_id": spec.dataset_id, "adapter_id": spec.adapter_id, "model": spec.model}
-
-
-class _JudgeRowsContext:
-    """The job's context, with per-item rows going to the judge-score table instead of predictions."""
-
-    def __init__(self, ctx: StoreContext):
-        self._ctx = ctx
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._ctx, name)
-
-    def save_predictions(self, rows) -> None:
-        from workers.runner import _jsonable
-        with session_scope() as s:
-            resq.save_judge_scores(self._ctx.job_id, [_jsonable(r) for r in rows], session=s)
+    from workers.infer import AdapterRef, run_classify
+    dataset_dir = _dataset_dir(spec.dataset_id)[0] if spec.dataset_id is not None else None
+    adapter = AdapterRef(spec.adapter_id, Path(_adapter(spec.adapter_id).path)) if spec.adapter_id else None
+    from workers.shards import split  # a big batch: shard jobs that every gpu worker takes
+    return run_classify(spec, ctx, dataset_dir=dataset_dir, adapter=adapter,
+                        shard=lambda n: split(job.id, spec, n)).model_dump(mode="json")
 
 
 def _adapter_meta(adapter_id: int | None) -> tuple[Path | None, dict[str, Any]]:
     if adapter_id is None:
         return None, {}
-    art = _adapter(adapter_id)
-    meta_file = Path(art.path) / "newslora.json"
-    return Path(art.path), (json.loads(meta_file.read_text()) if meta_file.exists() else {})
+    from workers.infer import read_adapter_meta
+    path = Path(_adapter(adapter_id).path)
+    return path, read_adapter_meta(path).model_dump(mode="json")
+
+
+class _StoreJudgeInputs:
+    """What a judge job reads from the store (`workers.judge.JudgeInputs`)."""
+
+    def classify_run(self, job_id: int):
+        from workers.judge import ClassifyRun, JudgeInputError
+        with session_scope() as s:
+            cj = s.get(Job, job_id)
+            if cj is None or cj.kind != "classify":
+                raise JudgeInputError(f"job {job_id} is not a classify job")
+            preds, cresult, cspec = resq.all_predictions(cj.id, session=s), cj.result or {}, cj.spec
+        records = {}
+        if cspec.get("dataset_id"):
+            from workers.prep import load_records
+            records = {str(r["id"]): r for r in load_records(_dataset_dir(cspec["dataset_id"])[0],
+                                                             cspec.get("split", "test"))}
+        return ClassifyRun(job_id=job_id, mode=cspec.get("mode"), predictions=preds,
+                           instruction=cresult.get("instruction") or "", label_names=cresult.get("label_names") or [],
+                           records=records, model=cspec.get("model"), adapter_id=cspec.get("adapter_id"))
+
+    def adapter(self, adapter_id: int) -> tuple[Path, str]:
+        path, meta = _adapter_meta(adapter_id)
+        return path, meta.get("template") or "alpaca"
 
 
 def _run_judge(job: Job, spec, ctx: StoreContext) -> dict[str, Any]:
-    from workers.judge import answer_dialogue, dialogue_items, judge_items, make_judge
-    if spec.dialogue:
-        from workers.models import load_model
-        items = dialogue_items()
-        adapter_path, meta = _adapter_meta(spec.adapter_id)
-        model, tok = load_model(spec.model)
-        if adapter_path is not None:
-            from peft import PeftModel
-            model = PeftModel.from_pretrained(model, adapter_path).eval()
-        ctx.event(f"answering {len(items)} general instructions with {spec.model}"
-                  + (f" + adapter {spec.adapter_id}" if spec.adapter_id else ""))
-        items = answer_dialogue(items, model, tok, template=meta.get("template", "alpaca"),
-                                max_new_tokens=spec.answer_max_new_tokens)
-        del model
-        source = {"dialogue": True, "model": spec.model, "adapter_id": spec.adapter_id}
-    else:
-        if spec.classify_job_id is None:
-            raise InputError("a judge job needs classify_job_id (a generate-mode classify job) or dialogue=true")
-        with session_scope() as s:
-            cj = s.get(Job, spec.classify_job_id)
-            if cj is None or cj.kind != "classify":
-                raise InputError(f"job {spec.classify_job_id} is not a classify job")
-            if cj.spec.get("mode") != "generate":
-                raise InputError(f"classify job {cj.id} ran in {cj.spec.get('mode')} mode: the judge scores "
-                                 f"free-form responses, so judge a generate-mode job")
-            preds = resq.all_predictions(cj.id, session=s)
-            cresult = cj.result or {}
-            cspec = cj.spec
-        instruction = cresult.get("instruction") or ""
-        texts = {}
-        if cspec.get("dataset_id"):
-            from workers.prep import load_records
-            dataset_dir, _ = _dataset_dir(cspec["dataset_id"])
-            for rec in load_records(dataset_dir, cspec.get("split", "test")):
-                texts[str(rec["id"])] = rec
-        items = []
-        for p in preds:
-            if p.get("response") is None:
-                continue
-            rec = texts.get(p["item_id"], {})
-            items.append({"item_id": p["item_id"], "instruction": rec.get("instruction") or instruction,
-                          "input": rec.get("input", ""), "reference": p.get("gold") or rec.get("output", ""),
-                          "response": p["response"]})
-        if not items:
-            raise InputError(f"classify job {spec.classify_job_id} has no generated responses to judge")
-        source = {"classify_job_id": cj.id, "model": cspec.get("model"), "adapter_id": cspec.get("adapter_id")}
-    judge = make_judge(spec)
+    from workers.judge import JudgeInputError, run_judge
     try:
-        rows, summary = judge_items(items, judge, spec, _JudgeRowsContext(ctx))
-    finally:
-        close = getattr(judge, "close", None)
-        if close:
-            close()
-    return {**source, "n": len(rows), "summary": summary}
+        return run_judge(spec, _StoreJudgeInputs(), ctx)
+    except JudgeInputError as e:
+        raise InputError(str(e)) from e
 
 
 def _run_name(cspec: dict[str, Any], n_adapters: int) -> str:
@@ -215,27 +147,9 @@ def _run_name(cspec: dict[str, Any], n_adapters: int) -> str:
     return "fine-tuned" if n_adapters == 1 else f"lora#{cspec['adapter_id']}"
 
 
-def _loss_history(adapter_id: int | None) -> list[dict[str, Any]] | None:
-    """Training loss per step and validation loss per eval, for the report's curves."""
-    if adapter_id is None:
-        return None
-    art = _adapter(adapter_id)
-    rows: list[dict[str, Any]] = []
-    for f in (Path(art.path).parent / "metrics.jsonl", Path(art.path) / "metrics.jsonl"):
-        if f.exists():
-            for line in f.read_text().splitlines():
-                try:
-                    rows.append(json.loads(line))
-                except ValueError:
-                    continue
-            break
-    return rows or None
-
-
-def _run_evaluate(job: Job, spec, ctx: StoreContext) -> dict[str, Any]:
-    from workers.evaluate import evaluate_runs
-    from workers.judge import compare_judgements, summarize_judgements
-    from workers.report import write_report
+def _evaluation_inputs(spec) -> Any:
+    """The rows an evaluate job reads: predictions and judge rows by model name, and where the data lies."""
+    from workers.evaluate import EvaluationInputs
     with session_scope() as s:
         def load(ids: list[int], what: str) -> list[Job]:
             jobs = []
@@ -250,42 +164,61 @@ def _run_evaluate(job: Job, spec, ctx: StoreContext) -> dict[str, Any]:
         cjobs, gjobs, jjobs = (load(spec.classify_job_ids, "classify"), load(spec.generate_job_ids, "classify"),
                                load(spec.judge_job_ids, "judge"))
         n_adapters = len({j.spec.get("adapter_id") for j in cjobs if j.spec.get("adapter_id")})
-        runs = {_run_name(j.spec, n_adapters): resq.all_predictions(j.id, session=s) for j in cjobs}
-        gen = {_run_name(j.spec, n_adapters): resq.all_predictions(j.id, session=s) for j in gjobs}
-        label_names = (cjobs[0].result or {}).get("label_names")
-        judged, dialogue = {}, {}
+        inputs = EvaluationInputs(
+            runs={_run_name(j.spec, n_adapters): resq.all_predictions(j.id, session=s) for j in cjobs},
+            generate_runs={_run_name(j.spec, n_adapters): resq.all_predictions(j.id, session=s) for j in gjobs},
+            label_names=(cjobs[0].result or {}).get("label_names") or [],
+            split=cjobs[0].spec.get("split", "test"))
         for j in jjobs:
-            name = _run_name(j.result or j.spec, n_adapters)
-            (dialogue if j.spec.get("dialogue") else judged)[name] = resq.judge_scores(j.id, session=s)
+            rows = resq.judge_scores(j.id, session=s)
+            (inputs.dialogue if j.spec.get("dialogue") else inputs.judged)[_run_name(j.result or j.spec,
+                                                                                      n_adapters)] = rows
         adapter_ids = [j.spec["adapter_id"] for j in cjobs if j.spec.get("adapter_id")]
-        base_model = cjobs[0].spec.get("model")
-    if not label_names:
-        raise InputError("the classify jobs recorded no label names")
-    ctx.event(f"evaluating {', '.join(runs)} on {len(next(iter(runs.values())))} items")
-    doc = evaluate_runs(runs, label_names, judged or None, spec, generate_runs=gen or None)
-    if dialogue:
-        doc["dialogue"] = {name: summarize_judgements(rows) for name, rows in dialogue.items()}
-        names = list(dialogue)
-        if "base" in dialogue and len(names) > 1:
-            doc["dialogue_comparisons"] = {n: compare_judgements(dialogue["base"], dialogue[n])
-                                           for n in names if n != "base"}
-    doc["models_used"] = {"base_model": base_model, "adapter_ids": adapter_ids,
-                          "classify_job_ids": spec.classify_job_ids}
-    history = _loss_history(adapter_ids[0] if adapter_ids else None)
-    if history:
-        doc["loss_history"] = history
-    report_path = None
-    if spec.report:
-        report_path = str(write_report(doc, get_settings().path("reports", f"eval-job-{job.id}"),
-                                       loss_history=history))
-        ctx.event(f"report written: {report_path}")
+        inputs.models_used = {"base_model": cjobs[0].spec.get("model"), "adapter_ids": adapter_ids,
+                              "classify_job_ids": spec.classify_job_ids}
+        dataset_id = cjobs[0].spec.get("dataset_id")
+    if dataset_id is not None:
+        inputs.dataset_dir = _dataset_dir(dataset_id)[0]
+    if adapter_ids:
+        inputs.run_dir = Path(_adapter(adapter_ids[0]).path).parent
+    return inputs
+
+
+def _run_evaluate(job: Job, spec, ctx: StoreContext) -> dict[str, Any]:
+    from workers.evaluate import run_evaluation
+    doc, report_path = run_evaluation(spec, _evaluation_inputs(spec), ctx,
+                                      report_dir=get_settings().path("reports", f"eval-job-{job.id}"))
     with session_scope() as s:
         ev = resq.evaluation_by_job(job.id, session=s) or resq.add_evaluation(
             session=s, job_id=job.id, name=spec.name or f"evaluation {job.id}", spec=spec.model_dump(mode="json"),
-            document=doc, report_path=report_path)
-        eval_id = ev.id
-    acc = {name: m.get("accuracy") for name, m in doc["models"].items()}
-    return {"evaluation_id": eval_id, "report_path": report_path, "accuracy": acc}
+            document=doc.model_dump(mode="json"), report_path=report_path)
+        return {"evaluation_id": ev.id, "report_path": report_path,
+                "accuracy": {name: m.get("accuracy") for name, m in doc.models.items()}}
+
+
+def _run_export(job: Job, spec, ctx: StoreContext) -> dict[str, Any]:
+    from workers.export import export_adapter
+    from workers.infer import AdapterRef
+    with session_scope() as s:  # a re-delivered job whose export was registered: done
+        done = resq.artifact_by_job(job.id, session=s)
+        if done is not None:
+            return {"export_id": done.id, "path": done.path, **(done.metrics or {})}
+    art = _adapter(spec.adapter_id)
+    dataset_id = spec.dataset_id or art.dataset_id
+    dataset_dir = _dataset_dir(dataset_id)[0] if spec.verify and dataset_id else None
+    out_dir = get_settings().path("exports") / f"job-{job.id}"
+    result = export_adapter(spec, AdapterRef(spec.adapter_id, Path(art.path)), out_dir, ctx,
+                            dataset_dir=dataset_dir, dataset_hash=art.dataset_hash)
+    with session_scope() as s:
+        exp = resq.add_model_artifact(
+            session=s, job_id=job.id, kind="export", base_model=art.base_model, path=result["path"],
+            name=f"adapter{spec.adapter_id}-{spec.format}" + (f"-{spec.quant}" if spec.quant else ""),
+            hash=result["hash"], spec=spec.model_dump(mode="json"), spec_hash=spec_hash(spec.model_dump(mode="json")),
+            dataset_id=art.dataset_id, dataset_hash=art.dataset_hash, code_version=code_version(),
+            metrics={"adapter_id": spec.adapter_id, "format": spec.format, "quant": spec.quant,
+                     "files": result["files"], "verification": result["verification"]})
+        return {"export_id": exp.id, "path": result["path"], "format": spec.format, "quant": spec.quant,
+                "verification": result["verification"]}
 
 
 def _run_pipeline(job: Job, spec, ctx: StoreContext) -> dict[str, Any]:
@@ -293,7 +226,7 @@ def _run_pipeline(job: Job, spec, ctx: StoreContext) -> dict[str, Any]:
 
 
 HANDLERS = {"noop": _run_noop, "prep": _run_prep, "train": _run_train, "classify": _run_classify,
-            "judge": _run_judge, "evaluate": _run_evaluate}
+            "judge": _run_judge, "evaluate": _run_evaluate, "export": _run_export}
 
 
 # ---------------------------------------------------------------- Celery tasks
@@ -311,14 +244,13 @@ for _kind in HANDLERS:
 
 @app.task(name=TASK_NAMES["pipeline"], acks_late=True)
 def run_pipeline(job_id: int) -> str:
-    from workers.pipeline import advance
     return advance(job_id)
 
 
 @app.task(name=ADVANCE_PIPELINE, acks_late=True)
 def advance_pipeline(job_id: int) -> str:
-    from workers.pipeline import advance
-    return advance(job_id)
+    from workers.shards import advance as advance_shards  # a sharded classify job's shard ended
+    return advance_shards(job_id) or advance(job_id)
 
 
 @worker_ready.connect

@@ -31,7 +31,7 @@ class Contract(BaseModel):
     format_version: int = 1
 
     @classmethod
-    def parse(cls, data: Any, *, where: str) -> Self:
+    def validated(cls, data: Any, *, where: str) -> Self:
         """Validate `data`, raising ContractError that names `where` and each bad field."""
         try:
             obj = cls.model_validate(data)
@@ -68,7 +68,7 @@ class ArtifactFile(Contract):
             raw = json.loads(path.read_text(encoding="utf-8"))
         except (ValueError, UnicodeDecodeError) as e:
             raise ContractError(f"{path} is not valid JSON ({e}): {cls.WHAT_TO_DO}") from None
-        return cls.parse(raw, where=str(path))
+        return cls.validated(raw, where=str(path))
 
 
 class StoreRow(Contract):
@@ -95,4 +95,4 @@ class StoreRow(Contract):
             extra = dict(row.get(cls.EXTRA_COLUMN) or {})
             data.update(extra)
         data.setdefault("format_version", cls.FORMAT_VERSION)
-        return cls.parse(data, where=f"a stored {cls.__name__} row")
+        return cls.validated(data, where=f"a stored {cls.__name__} row")

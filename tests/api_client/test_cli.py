@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.conftest import REPO, free_port
+from tests.conftest import AG_NEWS_DIR, REPO, free_port
 
 
 @pytest.fixture
@@ -90,3 +90,51 @@ def test_classify_one_text_prints_label_and_probabilities(cli_env, tiny_model_di
     assert set(probs) == labels and abs(sum(probs.values()) - 1) < 0.01
     r = newslora(cli_env, "classify", "--model", str(tiny_model_dir), "--text", "   ", "dtype=fp32", timeout=300)
     assert r.returncode != 0 and "empty" in r.stderr.lower()
+
+
+def test_run_refuses_a_bad_stage_setting_at_once(cli_env):
+    """Nothing is started or submitted: the stage specs are checked first (they used to hang at 0%)."""
+    quick = ["run", "configs/agnews-smollm2-quick.yaml", f"data_dir={AG_NEWS_DIR}"]
+    t0 = time.monotonic()
+    r = newslora(cli_env, *quick, "train.lora.rank=-5")
+    assert time.monotonic() - t0 < 5
+    assert (r.returncode, r.stderr) == (2, "newslora: train.lora.rank: Input should be greater than or equal to 1\n")
+    r = newslora(cli_env, *quick, "train.lerning_rate=1e-4")
+    assert (r.returncode, r.stderr) == (
+        2, "newslora: unknown key train.lerning_rate; did you mean train.learning_rate?\n")
+    assert not json.loads(newslora(cli_env, "status").stdout)["api_up"]
+
+
+def test_overrides_go_anywhere_among_the_options():
+    from api_client.cli import build_parser
+    args = build_parser().parse_args(["prep", "news.csv", "--name", "x", "seed=1", "--test", "t.csv", "on_bad_rows=skip"])
+    assert (args.source, args.name, args.test, args.overrides) == ("news.csv", "x", "t.csv", ["seed=1", "on_bad_rows=skip"])
+    args = build_parser().parse_args(["run", "c.yaml", "train.max_steps=3", "--no-wait", "eval_limit=4"])
+    assert (args.config, args.no_wait, args.overrides) == ("c.yaml", True, ["train.max_steps=3", "eval_limit=4"])
+    args = build_parser().parse_args(["classify", "--text", "Stocks fell", "--adapter", "2", "dtype=fp32"])
+    assert (args.text, args.adapter) == ("Stocks fell", 2) and "dtype=fp32" in [args.file, *args.overrides]
+
+
+def test_prep_of_a_csv_with_its_own_labels_and_clear_errors(cli_env, tmp_path):
+    topics = ["Weather", "Art", "Biology", "Chess", "Dance", "Economy", "Film", "Gardening", "History", "Islands",
+              "Jazz", "Knitting", "Law", "Music", "Nutrition"]
+    f = tmp_path / "topics.csv"
+    f.write_text("text,label\n" + "".join(f"Story {i} on {t},{t}\n" for i in range(3) for t in topics))
+    # A key at the wrong level: refused before anything starts, with the nested key to use.
+    r = newslora(cli_env, "prep", str(f), "text_columns=[body]")
+    assert (r.returncode, r.stderr) == (
+        2, "newslora: unknown key text_columns; did you mean train.text_columns or test.text_columns?\n")
+    # Overrides after options; 15 string labels, no label_names: taken from the data, sorted.
+    r = newslora(cli_env, "prep", str(f), "--name", "topics", "validation_fraction=0", "--timeout", "120",
+                 timeout=180)
+    assert r.returncode == 0, r.stderr
+    job_id = r.stderr.split("submitted prep job ")[1].split()[0]
+    events = [json.loads(line) for line in newslora(cli_env, "jobs", "events", job_id).stdout.splitlines()]
+    found = next(e for e in events if "label_names not given" in e["message"])
+    assert found["metrics"]["label_names"] == sorted(topics)
+    assert "using the 15 labels found in the data, sorted: Art, Biology, Chess" in found["message"]
+    shown = newslora(cli_env, "jobs", "show", job_id).stdout
+    assert '"label_source": "data"' in shown and '"Weather": 14' in shown  # meta.json's label_map
+    # A bad value comes back from the API as `field: message`, not as JSON.
+    r = newslora(cli_env, "prep", str(f), "--name", "topics", "validation_fraction=2")
+    assert (r.returncode, r.stderr) == (3, "newslora: validation_fraction: Input should be less than 1 (HTTP 422)\n")

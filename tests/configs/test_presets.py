@@ -29,10 +29,12 @@ def test_pipeline_preset_validates(path):
     spec = load_pipeline_config(path, [f"data_dir={AG_NEWS_DIR}"] if "data_dir" in path.read_text() else [])
     parsed = parse_spec("pipeline", spec)
     # The stage specs a pipeline will create validate too.
-    parse_spec("train", {**parsed.train, "dataset_id": 1, "model": parsed.model})
-    parse_spec("classify", {**parsed.classify, "dataset_id": 1})
+    parse_spec("train", parsed.train_spec(1))
+    parse_spec("classify", parsed.score_spec(1, adapter_id=2))
+    parse_spec("classify", parsed.generate_spec(1))
     if parsed.judge is not None:
-        parse_spec("judge", {k: v for k, v in parsed.judge.items() if k != "dialogue"} | {"classify_job_id": 1})
+        parse_spec("judge", parsed.judge_spec(1))
+        parse_spec("judge", parsed.dialogue_spec(adapter_id=2))
 
 
 def test_model_presets_load():
@@ -59,4 +61,38 @@ def test_bad_configs_are_clear_errors(tmp_path):
         load_pipeline_config(REPO / "configs" / "agnews-smollm2-quick.yaml", [f"data_dir={tmp_path}/missing"])
     bad.write_text("a: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
+        load_pipeline_config(bad)
+
+
+def test_bad_stage_values_are_refused_naming_the_field():
+    path = REPO / "configs" / "agnews-smollm2-quick.yaml"
+    data = f"data_dir={AG_NEWS_DIR}"
+    with pytest.raises(ConfigError) as e:
+        load_pipeline_config(path, [data, "train.lora.rank=-5", "judge.concurrency=0"])
+    assert str(e.value).splitlines() == ["train.lora.rank: Input should be greater than or equal to 1",
+                                         "judge.concurrency: Input should be greater than or equal to 1"]
+    # What the pipeline sets itself (the mode, the ids, the model) is not a stage key.
+    with pytest.raises(ConfigError, match=r"^unknown key generate.mode \(keys at generate: limit, label_names"):
+        load_pipeline_config(path, [data, "generate.mode=score"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lerning_rate=1e-4", "unknown key train.lerning_rate; did you mean train.learning_rate?"),
+    ("train.lora.rnak=4", "unknown key train.lora.rnak; did you mean train.lora.rank?"),
+    ("trian.max_steps=3", "unknown key trian.max_steps; did you mean train.max_steps?"),
+    ("prep.text_columns=[title]",
+     "unknown key prep.text_columns; did you mean prep.train.text_columns or prep.test.text_columns?"),
+    ("train.model=x", "unknown key train.model; did you mean model?"),
+    ("train.lora.rank.x=1", "cannot set train.lora.rank.x: train.lora.rank is a single value, not a mapping"),
+])
+def test_unknown_override_keys_are_refused_with_the_closest_key(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_pipeline_config(REPO / "configs" / "agnews-smollm2-quick.yaml", [f"data_dir={AG_NEWS_DIR}", override])
+    assert str(e.value) == message
+
+
+def test_an_unknown_key_in_the_preset_itself_is_refused(tmp_path):
+    bad = tmp_path / "typo.yaml"
+    bad.write_text("name: x\nprep: {train: {path: fancyzhx/ag_news, format: hub}}\ntrain: {max_stpes: 3}\n")
+    with pytest.raises(ConfigError, match=r"^unknown key train.max_stpes; did you mean train.max_steps\?$"):
         load_pipeline_config(bad)

@@ -78,6 +78,15 @@ class RedisServer:
         self.proc = None
         _wait_port(self.port, 10, up=False)
 
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no flush (what the last second of writes under appendfsync everysec risks)."""
+        if self.proc is None:
+            return
+        self.proc.kill()
+        self.proc.wait()
+        self.proc = None
+        _wait_port(self.port, 10, up=False)
+
     def restart(self, down_s: float = 0.0) -> None:
         self.stop()
         time.sleep(down_s)

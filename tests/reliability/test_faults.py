@@ -69,6 +69,30 @@ def test_redis_restart_mid_batch_loses_nothing(rel_stack_factory, own_redis, rel
 
 
 @pytest.mark.slow
+def test_redis_killed_mid_batch_every_job_still_runs_once(rel_stack_factory, own_redis, rel_db_url):
+    """SIGKILL, not a clean shutdown: Redis writes its append-only file once a second, so messages sent
+    just before the kill may be gone. Jobs whose message was lost are re-sent by the reaper (queued past
+    NEWSLORA_REQUEUE_QUEUED_AFTER_S); the lease drops any duplicate."""
+    st = rel_stack_factory(NEWSLORA_REQUEUE_QUEUED_AFTER_S="4", NEWSLORA_LEASE_S="3", NEWSLORA_HEARTBEAT_S="0.5")
+    st.start_api()
+    st.start_worker()
+    c = st.client()
+    jobs = [c.submit_noop(steps=5, sleep_s=0.1)["id"] for _ in range(8)]
+    wait_status(c, jobs[0], ("running", "succeeded"))
+    own_redis.kill()
+    time.sleep(1)
+    own_redis.start()
+    jobs.append(c.submit_noop(steps=2)["id"])
+    done = [c.wait(j, timeout=180) for j in jobs]
+    assert [d["status"] for d in done] == ["succeeded"] * len(jobs), st.log("worker")[-4000:]
+    time.sleep(6)  # re-sent or restored duplicates arrive: each is dropped by the lease, none re-runs a job
+    for j in jobs:
+        assert _messages(c, j).count("succeeded") == 1
+        assert c.get(j)["status"] == "succeeded"
+    assert _count(rel_db_url, "SELECT count(*) FROM jobs") == len(jobs)
+
+
+@pytest.mark.slow
 def test_postgres_restart_mid_batch_jobs_finish_and_nothing_half_written(rel_stack_factory, own_pg, rel_db_url):
     st = rel_stack_factory()
     st.start_api()
@@ -144,7 +168,7 @@ def test_job_longer_than_the_visibility_timeout_runs_once(rel_stack_factory):
 
 
 def test_settings_flag_a_visibility_timeout_not_above_the_time_limit():
-    from broker.settings import Settings
+    from core.settings import Settings
     assert Settings().visibility_timeout_s > Settings().job_time_limit_s  # the defaults agree
     assert Settings(NEWSLORA_VISIBILITY_TIMEOUT_S=25200, NEWSLORA_JOB_TIME_LIMIT_S=21600).redelivery_warning() is None
     warning = Settings(NEWSLORA_VISIBILITY_TIMEOUT_S=3600, NEWSLORA_JOB_TIME_LIMIT_S=21600).redelivery_warning()
@@ -167,7 +191,9 @@ def test_worker_killed_mid_classification_every_item_stored_exactly_once(rel_sta
     st.start_worker()
     c = st.client()
     n = 1000
-    job = c.submit_classify({"items": _news_items(n), "model": str(tiny_model_dir), "mode": "score",
+    gold = ["Business", "Sports", "Sci/Tech", "World"]
+    items = [{**it, "label": gold[i % 4]} for i, it in enumerate(_news_items(n))]
+    job = c.submit_classify({"items": items, "model": str(tiny_model_dir), "mode": "score",
                              "batch_size": 32, "dtype": "fp32", "device": "cpu"})
     deadline = time.monotonic() + 120
     while True:  # kill once part of the batch is stored, and well before the end
@@ -192,12 +218,22 @@ def test_worker_killed_mid_classification_every_item_stored_exactly_once(rel_sta
                               "AND (label IS NULL OR error IS NOT NULL)") == 0
     msgs = _messages(c, job["id"])
     assert msgs.count("succeeded") == 1 and "taken over after its worker died" in msgs
+    # The result describes the whole job, not only its last attempt: the second attempt skipped what the
+    # first had stored, and counts and accuracy cover all 1,000 items.
+    res = done["result"]
+    assert res["skipped_done"] >= at_kill > 0, res
+    assert res["attempt_classified"] == n - res["skipped_done"]
+    assert res["classified"] == n and res["n_gold"] == n and res["total"] == n
+    preds = list(c.iter_predictions(job["id"], page=1000))
+    assert res["accuracy"] == pytest.approx(sum(p["label"] == p["gold"] for p in preds) / n)
 
 
 # ---------------------------------------------------------------- the judge server failing
 
+# control_pairs 0: this test counts the chats a failing server gets for the sampled items (the judge's control
+# set, its validity check, is tested in tests/workers/test_judge.py).
 JUDGE = {"dialogue": True, "answer_max_new_tokens": 4, "sample": 4, "retries": 1, "backoff_s": 0.0,
-         "timeout_s": 1.0, "concurrency": 2, "stream": False}
+         "timeout_s": 1.0, "concurrency": 2, "stream": False, "control_pairs": 0}
 
 
 @pytest.mark.slow
@@ -246,6 +282,10 @@ def test_judge_server_refusing_hanging_or_failing_items_unscored_and_evaluation_
     assert len([r for r in c.judge_scores(died["id"]) if r["status"] == "scored"]) == 1
     assert recovered["status"] == "succeeded"
     assert all(r["status"] == "scored" for r in c.judge_scores(recovered["id"]))
+    # Provenance survives the store: which backend and model digest gave each score, why one was not given.
+    for row in c.judge_scores(recovered["id"]) + c.judge_scores(hung["id"]):
+        assert row["judge_backend"] == "ollama" and row["judge_digest"], row
+    assert all(r["error_kind"] for r in c.judge_scores(hung["id"]))
     # Unreachable before any item: the job fails at once with a reason that names the server.
     assert refused["status"] == "failed" and "127.0.0.1" in refused["error"], refused["error"]
     assert "Traceback" not in refused["error"]

@@ -31,7 +31,8 @@ def test_concurrent_batches_from_several_processes_are_all_stored_once(rel_stack
     c = st.client()
     first = out["job_ids"][0]
     assert {p["item_id"] for p in c.iter_predictions(first)} == {it["id"] for it in batch_items(0, size)}
-    again = c.submit_classify({"items": batch_items(0, size), "model": str(tiny_model_dir)},
+    again = c.submit_classify({"items": batch_items(0, size), "model": str(tiny_model_dir), "mode": "score",
+                               "batch_size": 50, "dtype": "fp32", "device": "cpu"},
                               idempotency_key="load-batch-0")
     assert again["id"] == first and c.list(kind="classify")["total"] == batches
     # The API stayed responsive while the worker was saturated (2 shared cores here: a loose bound).

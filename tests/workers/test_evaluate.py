@@ -223,3 +223,39 @@ def test_evaluate_runs_without_spec_and_softmax_rounding():
     assert ev["spec"] is None and ev["name"] is None
     assert ev["models"]["m"]["calibration"]["ece"] == pytest.approx((0.0 + 0.4) / 2)
     assert any("only one model" in m for m in ev["missing"])
+
+
+def test_evaluate_runs_fits_the_classical_baseline_and_pairs_it_with_each_model():
+    from workers.baseline import BaselineCorpus
+    corpus = BaselineCorpus(
+        train_texts=["apple alpha", "alpha apple pie", "apple tree alpha", "banana beta", "beta banana split",
+                     "banana boat beta"],
+        train_labels=["A"] * 3 + ["B"] * 3,
+        # The baseline gets 1-3 right and calls 4 ("apple", gold B) A.
+        items={"1": ("apple alpha", "A"), "2": ("banana beta", "B"), "3": ("apple", "A"), "4": ("apple fruit", "B"),
+               "5": ("not evaluated", "A")}, source="tiny")
+    base = [pred(i, "B", g) for i, g in ((1, "A"), (2, "B"), (3, "A"), (4, "B"))]  # right on 2 and 4
+    lora = [pred(1, "A", "A"), pred(2, "B", "B"), pred(3, "B", "A"), pred(4, "B", "B")]  # wrong on 3 only
+    ev = evaluate_runs({"base": base, "lora": lora}, LABELS, spec=EvaluateSpec(classify_job_ids=[1, 2], bootstrap=0),
+                       baseline=corpus)
+    json.dumps(ev, allow_nan=False)
+    bl = ev["baseline"]
+    assert bl["name"] == "tfidf-svm" and bl["n_train"] == 6 and bl["n_items"] == 4 and bl["n_not_found"] == 0
+    assert bl["metrics"]["accuracy"]["value"] == pytest.approx(3 / 4)
+    assert bl["metrics"]["confusion"]["counts"] == [[2, 0, 0], [1, 1, 0]]
+    lo = bl["comparisons"]["lora"]  # a = the baseline, b = the model: difference is model - baseline
+    assert (lo["b"], lo["c"]) == (1, 1) and lo["difference"]["value"] == pytest.approx(0.0)
+    assert lo["mcnemar"] == {"method": "exact", "statistic": 1.0, "p_value": 1.0}
+    ba = bl["comparisons"]["base"]
+    assert (ba["b"], ba["c"]) == (2, 1) and ba["difference"]["value"] == pytest.approx(-1 / 4)
+    assert "tfidf-svm" not in ev["models"]  # the models are the classify runs; the baseline has its own block
+
+
+def test_evaluate_runs_notes_a_missing_baseline(seven):
+    from workers.baseline import BaselineCorpus
+    ev = evaluate_runs({"base": seven}, LABELS)
+    assert ev["baseline"] is None and any("no classical baseline" in m for m in ev["missing"])
+    other = BaselineCorpus(train_texts=["a", "b"], train_labels=["A", "B"], items={"x": ("a", "A")}, source="elsewhere")
+    ev = evaluate_runs({"base": seven}, LABELS, baseline=other)
+    assert ev["baseline"] is None
+    assert any("no classical baseline: none of the 7 evaluated items is in elsewhere" in m for m in ev["missing"])

@@ -146,18 +146,19 @@ def test_parse_label_is_strict_about_exactly_one_label():
 
 # ---------------------------------------------------------------- adapters
 
-def _make_adapter(base_dir: Path, out: Path, seed: int, *, digest: str | None = None,
-                  template: str = "alpaca") -> Path:
+def _make_adapter(base_dir: Path, out: Path, seed: int, *, digest: str | None = None, template: str = "alpaca",
+                  rank: int = 4, alpha: int = 32, targets: tuple[str, ...] = ("q_proj", "v_proj"),
+                  std: float = 0.5) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    cfg = LoraConfig(r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=False)
     peft_model = get_peft_model(base, cfg)
     with torch.no_grad():  # random, non-zero B (and A): the adapter changes the outputs
         for name, p in peft_model.named_parameters():
             if "lora_" in name:
-                p.normal_(0, 0.5)
+                p.normal_(0, std)
     peft_model.save_pretrained(out)
     (out / "newslora.json").write_text(json.dumps({
         "template": template, "instruction": INSTRUCTION, "label_names": LABELS,
@@ -184,7 +185,7 @@ def test_base_and_two_adapters_share_one_base_model(tiny_model_dir, adapters):
                                     for n in range(len(items))])
         assert all(r["adapter_id"] == (adapter.adapter_id if adapter else None) for r in ctx.predictions.values())
     assert InferenceEngine.base_loads == loads  # no base reload
-    assert engine.model is model and engine.peft_model.get_base_model() is model
+    assert engine.model is model and type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear  # no PEFT
     assert engine.loaded_adapters == [2, 1]
     assert (probs["a1"] - probs["base"]).abs().max() > 1e-3
     assert (probs["a2"] - probs["a1"]).abs().max() > 1e-3
@@ -204,7 +205,7 @@ def test_lru_evicts_the_least_recently_used_adapter(tiny_model_dir, adapters):
     for a in (adapters[0], adapters[1], adapters[0], adapters[2]):
         _classify(engine, items, adapter=a)
     assert engine.loaded_adapters == [1, 3]
-    assert set(engine.peft_model.peft_config) == {"a1", "a3"}
+    assert set(engine._adapters) == {"a1", "a3"}
     assert all(k[0] != "a2" for k in engine._prefix_kv)
     _, ctx = _classify(engine, items, adapter=adapters[1])  # reloads the evicted one
     assert engine.loaded_adapters == [3, 2] and len(ctx.predictions) == 2
@@ -359,3 +360,60 @@ def test_real_smollm2_classifies_ag_news_articles_exactly(smollm2_dir, ag_news_d
                                            for it in items]), -1)
     got = torch.tensor([[ctx.predictions[it["id"]]["probs"][k] for k in labels] for it in items])
     torch.testing.assert_close(got, naive, atol=1e-4, rtol=0)
+
+
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def test_merged_adapter_scores_as_peft_runs_the_unmerged_lora(tiny_model_dir, tmp_path):
+    """The engine's merged weights give the scores of PEFT's LoRA layers (x W + s x A B), fp32."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    path = _make_adapter(tiny_model_dir, tmp_path / "all", seed=7, rank=8, alpha=16, targets=ALL_LINEAR, std=0.3)
+    engine = InferenceEngine(str(tiny_model_dir), dtype="fp32", device="cpu")
+    plan = PromptCodec.build(engine.tokenizer, instruction=INSTRUCTION, template="alpaca", label_names=LABELS)
+    seqs = [e.ids for e in plan.bodies(TEXTS, max_article_tokens=500)]
+    with engine.use(AdapterRef(5, path)) as key:
+        merged = score_labels(engine.model, plan, seqs, engine.prefix_kv(key, plan.prefix_ids))
+    with engine.use(None) as key:
+        base = score_labels(engine.model, plan, seqs, engine.prefix_kv(key, plan.prefix_ids))
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
+                                     str(path)).eval()
+    from workers.modeling.forward import prefix_kv
+    unmerged = score_labels(peft, plan, seqs, prefix_kv(peft, plan.prefix_ids))
+    torch.testing.assert_close(merged, unmerged, atol=1e-4, rtol=0)
+    assert (merged - base).abs().max() > 1e-2  # the adapter matters
+
+
+@pytest.mark.smollm2
+@pytest.mark.slow
+def test_real_smollm2_merged_adapter_predicts_as_unmerged_lora_on_400_articles(smollm2_dir, ag_news_dir, tmp_path):
+    """A LoRA of the presets' shape (r 16, alpha 32, all linear layers), bf16 as classify runs by default:
+    the merged fast path's labels equal PEFT's unmerged LoRA's on 400 AG News test articles."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    from workers.modeling.forward import prefix_kv
+    path = _make_adapter(smollm2_dir, tmp_path / "preset", seed=3, rank=16, alpha=32, targets=ALL_LINEAR, std=0.02)
+    with (ag_news_dir / "test.csv").open(encoding="utf-8", newline="") as f:
+        rows = [r for _, r in zip(range(400), csv.reader(f))]
+    items = [{"id": f"t{n}", "text": f"{t} {d}".replace("\\", " ").strip(), "label": LABELS[int(c) - 1]}
+             for n, (c, t, d) in enumerate(rows)]
+    engine = InferenceEngine(str(smollm2_dir), dtype="bf16", device="cpu")
+    _, ctx = _classify(engine, items, adapter=AdapterRef(1, path), model_ref="smollm2-135m", batch_size=32)
+    fast = torch.tensor([[ctx.predictions[it["id"]]["probs"][k] for k in LABELS] for it in items])
+    _, bctx = _classify(engine, items, model_ref="smollm2-135m", batch_size=32)
+    base = torch.tensor([[bctx.predictions[it["id"]]["probs"][k] for k in LABELS] for it in items])
+
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.bfloat16),
+                                     str(path)).to(torch.bfloat16).eval()  # the LoRA matmuls on every token
+    plan = PromptCodec.build(engine.tokenizer, instruction=INSTRUCTION, template="alpaca", label_names=LABELS)
+    enc = plan.bodies([it["text"] for it in items], max_article_tokens=engine.max_positions)
+    kv = prefix_kv(peft, plan.prefix_ids)
+    order = sorted(range(len(items)), key=lambda i: len(enc[i].ids))
+    slow = torch.zeros(len(items), len(LABELS))
+    for b in range(0, len(order), 32):
+        idx = order[b:b + 32]
+        slow[idx] = torch.softmax(score_labels(peft, plan, [enc[i].ids for i in idx], kv), -1)
+    assert torch.equal(fast.argmax(-1), slow.argmax(-1))  # every label equal
+    assert (fast - slow).abs().max() < 1e-2
+    assert (fast.argmax(-1) != base.argmax(-1)).sum() > 0  # the adapter changes some predictions

@@ -10,7 +10,7 @@ import pytest
 
 from workers.context import JobCancelled, LocalContext
 from workers.prep import (PrepError, clean_text, load_records, prepare_dataset, read_meta, token_lengths)
-from workers.prompts import default_instruction, render_prompt
+from workers.modeling.prompts import default_instruction, render_prompt
 from workers.specs.prep import AG_NEWS_LABELS, PrepSpec, SourceSpec
 
 LABELS = list(AG_NEWS_LABELS)
@@ -131,7 +131,7 @@ def test_meta_records_cleaning_hash_and_spec(prepared):
     assert meta["spec"]["train"]["path"].endswith("train.jsonl")
     assert PrepSpec.model_validate(meta["spec"]) == ag_spec(Path(meta["spec"]["train"]["path"]).parent)
     assert len(meta["hash"]) == 64 and meta["token_lengths"] is None
-    assert read_meta(out) == json.loads((out / "meta.json").read_text())
+    assert read_meta(out).model_dump(mode="json") == json.loads((out / "meta.json").read_text())
     phases = [e["message"] for e in ctx.events if e["message"].startswith("prep: ") and "total" in e["metrics"]]
     assert phases == ["prep: setup", "prep: load", "prep: clean", "prep: dedupe", "prep: split", "prep: tokenize",
                       "prep: write"]
@@ -277,6 +277,7 @@ def test_csv_header_and_column_map(tmp_path):
     recs = load_records(tmp_path / "ok", "train")
     assert recs[0] == {"id": "train-2", "instruction": default_instruction(LABELS),
                        "input": "Title 0 Article number 0 about World things", "output": "World", "label_id": 0}
+    assert read_meta(tmp_path / "ok").label_source == "spec"  # AG News's names: its order, not sorted
 
 
 def test_label_outside_the_map(tmp_path):
@@ -289,6 +290,50 @@ def test_label_outside_the_map(tmp_path):
     rows[4]["label"] = "Weather"
     f = write_jsonl(tmp_path / "names.jsonl", rows)
     run_fails(small_spec(f), tmp_path, match="line 5 has label 'Weather', which is not one of label_names")
+
+
+TOPICS = ["Weather", "Art", "Biology", "Chess", "Dance", "Economy", "Film", "Gardening", "History", "Islands",
+          "Jazz", "Knitting", "Law", "Music", "Nutrition"]  # 15 string labels, not AG News's, not sorted
+
+
+def write_topics_csv(path: Path, per_topic: int = 4) -> Path:
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["text", "label"])
+        for i in range(per_topic):
+            for t in TOPICS:
+                w.writerow([f"Story {i} on {t.lower()} and what came of it", f" {t} "])
+    return path
+
+
+def test_string_labels_are_taken_from_the_data(tmp_path):
+    f = write_topics_csv(tmp_path / "topics.csv")
+    ctx = LocalContext()
+    meta = prepare_dataset(small_spec(f), tmp_path / "topics", ctx)
+    assert meta["label_names"] == sorted(TOPICS) and meta["label_source"] == "data"
+    assert meta["label_map"] == {t: i for i, t in enumerate(sorted(TOPICS))}
+    assert read_meta(tmp_path / "topics").label_names == sorted(TOPICS)
+    assert meta["instruction"] == default_instruction(sorted(TOPICS)) and meta["dropped"] == {}
+    for name in TOPICS:  # every row kept, under its own label, in train or validation
+        assert meta["counts"]["train"][name] + meta["counts"]["validation"][name] == 4
+    rec = next(r for r in load_records(tmp_path / "topics", "train") if r["output"] == "Weather")
+    assert rec["label_id"] == sorted(TOPICS).index("Weather") and "weather" in rec["input"]
+    event = next(e for e in ctx.events if "label_names not given" in e["message"])
+    assert event["metrics"]["label_names"] == sorted(TOPICS) and "15 labels found in the data" in event["message"]
+    # Given label_names still rule: a label outside them is a bad row, as before.
+    run_fails(small_spec(f, label_names=TOPICS[:14]), tmp_path, match="has label ' Nutrition ', which is not one")
+    # A test source's labels count too.
+    test = write_topics_csv(tmp_path / "test.csv", per_topic=1)
+    both = PrepSpec(train=SourceSpec(path=str(f)), test=SourceSpec(path=str(test)), validation_fraction=0)
+    assert prepare_dataset(both, tmp_path / "both", LocalContext())["counts"]["test"] == {t: 1 for t in sorted(TOPICS)}
+
+
+def test_labels_from_the_data_that_cannot_be_labels(tmp_path):
+    f = tmp_path / "one.jsonl"
+    write_jsonl(f, [{"text": f"Story {i}", "label": "News"} for i in range(6)])
+    run_fails(small_spec(f), tmp_path, match=r"every row has the label 'News' in column 'label'; a classifier needs")
+    write_jsonl(f, [{"text": f"Story {i}", "label": f"headline {i}"} for i in range(300)])
+    run_fails(small_spec(f), tmp_path, match=r"column 'label' holds 300 distinct values .* too many to be labels")
 
 
 def test_one_based_labels_with_first_label_id(tmp_path):
@@ -407,9 +452,9 @@ def test_failed_rerun_keeps_the_previous_dataset(tmp_path, ag_news_dir):
     with pytest.raises(JobCancelled):
         prepare_dataset(spec.model_copy(update={"seed": 3}), tmp_path / "out", LocalContext(cancel_after_checks=7))
     assert leftovers(tmp_path, "out") == ["out"]
-    assert read_meta(tmp_path / "out")["hash"] == first["hash"]
+    assert read_meta(tmp_path / "out").hash == first["hash"]
     second = prepare_dataset(spec.model_copy(update={"seed": 3}), tmp_path / "out", LocalContext())
-    assert read_meta(tmp_path / "out")["hash"] == second["hash"] != first["hash"]
+    assert read_meta(tmp_path / "out").hash == second["hash"] != first["hash"]
     assert leftovers(tmp_path, "out") == ["out"]
 
 

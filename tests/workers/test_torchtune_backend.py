@@ -1,6 +1,7 @@
-"""The torchtune backend: config building and data encoding (no torchtune needed), the subprocess
-plumbing with a stand-in python, and (marked `torchtune`) a real run of torchtune's recipe on a tiny
-seeded Llama whose adapter then loads with plain PEFT in this venv."""
+"""The torchtune backend: config building, the builder chosen from the model registry, data encoding and
+chunking (no torchtune needed), the subprocess plumbing with a stand-in python, and (marked `torchtune`)
+a real run of torchtune's recipe on a tiny seeded Llama whose adapter then loads with plain PEFT in this
+venv, and a run on the LLaMA-2 stand-in whose worker is SIGKILLed and resumed from its last checkpoint."""
 from __future__ import annotations
 
 import json
@@ -12,9 +13,10 @@ from pathlib import Path
 import pytest
 
 from workers.context import JobCancelled, LocalContext
-from workers.prompts import default_instruction
+from workers.modeling.prompts import default_instruction
 from workers.specs.train import LoraSpec, TrainSpec
 from workers.train import torchtune_backend as tb
+from tests.conftest import make_dataset_meta
 
 LABELS = ["World", "Sports", "Business", "Sci/Tech"]
 INSTRUCTION = default_instruction(LABELS)
@@ -39,8 +41,7 @@ def write_dataset(root: Path, records: list[tuple[str, int]], *, val: list[tuple
 
     (root / "train.jsonl").write_text(rows(records, "t"))
     (root / "validation.jsonl").write_text(rows(val, "v"))
-    (root / "meta.json").write_text(json.dumps({"label_names": LABELS, "template": "alpaca",
-                                                "instruction": INSTRUCTION, "hash": "fixture-hash"}))
+    make_dataset_meta(label_names=LABELS, instruction=INSTRUCTION, hash="fixture-hash").save(root)
     return root
 
 
@@ -105,6 +106,101 @@ def test_builder_refuses_what_it_cannot_reproduce(tmp_path, smollm2_dir):
         (d / "config.json").write_text(json.dumps({**cfg, **change}))
         with pytest.raises(ValueError, match=match):
             tb.model_builder_args(d)
+
+
+def _config_dir(root: Path, name: str, **cfg) -> Path:
+    """A folder with only a config.json (all that choosing a torchtune builder reads)."""
+    d = root / name
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+LLAMA2_7B_CONFIG = {"model_type": "llama", "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
+                    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+                    "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+                    "tie_word_embeddings": False}
+
+
+def test_builder_and_checkpointer_come_from_the_registry(tmp_path, smollm2_dir, llama2_standin_dir):
+    # The LLaMA-2-7B preset: the reference recipe's fixed-size builder and the LLAMA2 checkpointer.
+    seven_b = _config_dir(tmp_path, "7b", **LLAMA2_7B_CONFIG)
+    m = tb.torchtune_model("llama2-7b", seven_b)
+    assert (m.builder, m.model_type, m.shape) == ("torchtune.models.llama2.lora_llama2_7b", "LLAMA2", {})
+    # SmolLM2: Llama-3.2's component builder shaped from config.json, as before.
+    m = tb.torchtune_model("smollm2-135m", smollm2_dir)
+    assert (m.builder, m.model_type) == ("torchtune.models.llama3_2.lora_llama3_2", "LLAMA3_2")
+    assert m.shape == tb.model_builder_args(smollm2_dir)
+    # A local LLaMA-2-shaped folder (the stand-in): detected by its config, LLaMA-2's component builder.
+    m = tb.torchtune_model(str(llama2_standin_dir), llama2_standin_dir)
+    assert (m.builder, m.model_type) == ("torchtune.models.llama2.lora_llama2", "LLAMA2")
+    assert m.shape == {"vocab_size": 1000, "num_layers": 2, "num_heads": 4, "num_kv_heads": 4, "embed_dim": 64,
+                       "intermediate_dim": 176, "max_seq_len": 4096, "norm_eps": pytest.approx(1e-5)}
+    # The same folder through the 7B preset: the fixed builder would build another shape.
+    with pytest.raises(ValueError, match=r"builds vocab_size 32000 \(checkpoint: 1000\)"):
+        tb.torchtune_model("llama2-7b", llama2_standin_dir)
+    # ... and a SmolLM2-style folder through it: the wrong family.
+    with pytest.raises(ValueError, match="llama3.2-style"):
+        tb.torchtune_model("llama2-7b", smollm2_dir)
+
+
+def test_every_registry_entry_names_a_known_builder():
+    from workers.models import model_presets
+    for preset in model_presets().values():
+        assert preset.torchtune_builder in tb.BUILDERS, preset.name
+        assert preset.torchtune_model_type == tb.BUILDERS[preset.torchtune_builder].model_type, preset.name
+
+
+def test_unknown_architectures_are_refused_clearly(tmp_path):
+    mistral = _config_dir(tmp_path, "mistral", **{**LLAMA2_7B_CONFIG, "model_type": "mistral"})
+    with pytest.raises(ValueError, match=r"unknown architecture 'mistral'.*use backend 'peft'"):
+        tb.torchtune_model(str(mistral), mistral)
+    llama3 = _config_dir(tmp_path, "llama3", **{**LLAMA2_7B_CONFIG, "rope_theta": 500000.0})
+    with pytest.raises(ValueError, match=r"untied embeddings and RoPE theta 500000 matches no torchtune builder"):
+        tb.torchtune_model(str(llama3), llama3)
+    scaled = _config_dir(tmp_path, "scaled", **{**LLAMA2_7B_CONFIG,
+                                               "rope_scaling": {"rope_type": "llama3", "factor": 8.0}})
+    with pytest.raises(ValueError, match="RoPE type 'llama3'"):
+        tb.torchtune_model(str(scaled), scaled)
+
+
+def test_recipe_config_chunks_the_run_and_names_the_wandb_run_as_the_peft_loop(tmp_path, llama2_standin_dir):
+    import uuid
+    spec = TrainSpec(dataset_id=1, model=str(llama2_standin_dir), backend="torchtune", batch_size=2, grad_accum=3,
+                     save_every=4, wandb=True, lora=LoraSpec(target_modules=["q_proj", "v_proj"]))
+    out = tmp_path / "out"
+    cfg = tb.recipe_config(spec, model_dir=llama2_standin_dir, run_dir=out / "torchtune", tokens_path=tmp_path / "t",
+                           total_steps=10, pad_id=2, device="cpu", dtype="fp32",
+                           wandb=tb.wandb_logger_args(spec, out))
+    assert cfg["model"]["_component_"] == "torchtune.models.llama2.lora_llama2"
+    assert cfg["checkpointer"]["model_type"] == "LLAMA2"
+    # 10 steps in chunks of save_every=4: three recipe epochs (4, 4, 2), the schedule over the real 10.
+    assert (cfg["epochs"], cfg["max_steps_per_epoch"], cfg["newslora"]["chunk_samples"]) == (3, 4, 4 * 2 * 3)
+    assert cfg["lr_scheduler"]["total_steps"] == 10
+    wandb = cfg["metric_logger"]["wandb"]
+    assert wandb["project"] == "newslora" and wandb["resume"] == "allow" and wandb["log_dir"] == str(out)
+    assert wandb["id"] == f"train-{uuid.uuid5(uuid.NAMESPACE_URL, str(out.resolve())).hex[:12]}"
+    assert tb.wandb_logger_args(spec.model_copy(update={"wandb": False}), out) is None
+
+
+def test_chunk_sampler_serves_each_epoch_its_chunk():
+    sys.path.insert(0, str(tb.ENTRY.parent))
+    try:
+        import torchtune_entry as entry
+    finally:
+        sys.path.remove(str(tb.ENTRY.parent))
+    entry.ChunkSampler.chunk_samples = 4
+    sampler = entry.ChunkSampler(list(range(10)), num_replicas=1, rank=0, shuffle=False)
+    chunks = []
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        chunks.append(list(sampler))
+    assert chunks == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]] and len(sampler) == 10
+    sampler.load_state_dict({"epoch": 0, "yielded": 4})  # a resumed chunk still starts at its beginning
+    sampler.set_epoch(1)
+    assert list(sampler) == [4, 5, 6, 7]
+    with pytest.raises(ValueError, match="shuffle"):
+        entry.ChunkSampler(list(range(10)), shuffle=True)
 
 
 def test_plan_steps_counts_as_the_peft_loop():
@@ -247,7 +343,7 @@ def test_recipe_trains_and_loss_falls(trained):
     assert m["train_loss"] == pytest.approx(sum(losses) / 8, abs=1e-4)  # mean of the last (up to) 10 steps
     assert m["tokens_per_s"] > 0 and m["dtype"] == "fp32" and m["device"] == "cpu"
     # The adapter, scored on the validation record after training, as the PEFT loop scores it.
-    assert result["history"] == [{k: v for k, v in eval_rows[0].items() if k != "type"}]
+    assert result["history"] == [{k: v for k, v in eval_rows[0].items() if k not in ("type", "format_version")}]
     assert len(eval_rows) == 1 and eval_rows[0]["val_items"] == 1
     assert m["val_loss"] == eval_rows[0]["val_loss"] and 0 < m["val_loss"] < losses[0]
     assert m["val_accuracy"] in (0.0, 1.0)
@@ -262,12 +358,13 @@ def test_recipe_trains_and_loss_falls(trained):
 @needs_env
 def test_recipe_sees_the_peft_loops_tokens(trained, tiny_tt_model):
     from workers.models import load_tokenizer
-    from workers.train.data import PromptEncoder, load_prepared
+    from workers.modeling.codec import PromptCodec
+    from workers.train.data import load_prepared
     spec, _, _, out = trained
     data = load_prepared(out.parent / "ds")
-    encoder = PromptEncoder(load_tokenizer(tiny_tt_model), template="alpaca", instruction=INSTRUCTION,
-                            label_names=LABELS, max_seq_len=spec.max_seq_len)
-    expected = {tuple(e.input_ids): e.labels for e in encoder.encode(data.train)}
+    encoder = PromptCodec.build(load_tokenizer(tiny_tt_model), template="alpaca", instruction=INSTRUCTION,
+                                label_names=LABELS)
+    expected = {tuple(e.input_ids): e.labels for e in encoder.examples(data.train, max_seq_len=spec.max_seq_len)}
     rows = [json.loads(line) for line in (out / "torchtune" / "train_tokens.jsonl").read_text().splitlines()]
     assert len(rows) == 8 * 4  # steps x batch
     assert all(expected[tuple(r["tokens"])] == r["labels"] for r in rows)
@@ -306,3 +403,97 @@ def test_adapter_loads_with_plain_peft_and_matches_torchtune_merge(trained, tiny
     with torch.no_grad():
         merged_logits = merged(ids).logits
     torch.testing.assert_close(peft_logits, merged_logits, atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume after a SIGKILL, on the LLaMA-2 stand-in, with W&B through torchtune's WandBLogger
+
+# A worker process running the job that SIGKILLs itself (its whole process group) as soon as it hears of
+# the first chunk's checkpoint: a real kill, at a point that does not depend on the machine's speed.
+_WORKER = """
+import os, signal, sys
+sys.path.insert(0, {repo!r})
+from pathlib import Path
+from workers.context import LocalContext
+from workers.specs.train import TrainSpec
+from workers.train.torchtune_backend import train_torchtune
+
+class KilledAtFirstCheckpoint(LocalContext):
+    def event(self, message, **kw):
+        super().event(message, **kw)
+        if message.startswith("train: checkpoint at step"):
+            os.killpg(0, signal.SIGKILL)
+
+spec = TrainSpec.model_validate_json({spec!r})
+train_torchtune(spec, Path({dataset!r}), Path({out!r}), KilledAtFirstCheckpoint(work_dir=Path({out!r}).parent))
+"""
+
+
+def _adapter_tensors(adapter_dir: Path) -> dict:
+    from safetensors.torch import load_file
+    return load_file(Path(adapter_dir) / "adapter_model.safetensors")
+
+
+@pytest.mark.torchtune
+@needs_env
+def test_killed_worker_resumes_from_the_last_chunk_and_ends_where_an_unbroken_run_does(llama2_standin_dir,
+                                                                                        tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    import torch
+
+    from tests.conftest import REPO
+    dataset = write_dataset(tmp_path / "ds", NEWS * 2, val=NEWS[:2])
+    spec = TrainSpec(dataset_id=1, model=str(llama2_standin_dir), backend="torchtune", max_steps=12, save_every=2,
+                     batch_size=2, learning_rate=1e-2, warmup_steps=1, max_seq_len=256, dtype="fp32", seed=1,
+                     wandb=True, lora=LoraSpec(rank=4, alpha=8.0, target_modules=["q_proj", "v_proj"]))
+    straight = tb.train_torchtune(spec.model_copy(update={"wandb": False}), dataset, tmp_path / "straight",
+                                  LocalContext(work_dir=tmp_path))
+
+    # The worker is SIGKILLed once the first chunk's checkpoint is written; the recipe subprocess, in a
+    # session of its own, then exits by itself.
+    out = tmp_path / "killed"
+    worker = subprocess.Popen([sys.executable, "-c", _WORKER.format(repo=str(REPO), spec=spec.model_dump_json(),
+                                                                     dataset=str(dataset), out=str(out))],
+                              start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, err = worker.communicate(timeout=300)
+    assert worker.returncode == -signal.SIGKILL, err.decode()[-3000:]
+    assert any((out / "torchtune" / tb.SNAPSHOTS).glob("epoch_*"))
+    recipe_pid = int((out / "torchtune" / tb.PID_FILE).read_text())
+    deadline = time.monotonic() + 10
+    while tb._is_recipe_process(recipe_pid):
+        assert time.monotonic() < deadline, "the orphaned recipe subprocess kept running"
+        time.sleep(0.1)
+    assert not (out / "adapter").exists()
+
+    ctx = LocalContext(work_dir=tmp_path)
+    resumed = tb.train_torchtune(spec, dataset, out, ctx)
+    start = resumed["resumed_from_step"]
+    assert start in (2, 4, 6, 8, 10), start  # a chunk's end: a kill loses at most save_every steps
+    assert any(e["message"].startswith(f"train: resumed from step {start} of 12") for e in ctx.events)
+    assert [e["metrics"]["done"] for e in ctx.events if e["message"] == "train"] == list(range(start + 1, 13))
+    # Every step once in metrics.jsonl, the curve the unbroken run's, and the same adapter at the end.
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if r["type"] == "step"]
+    straight_steps = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()
+                      if json.loads(line)["type"] == "step"]
+    assert [r["step"] for r in steps] == list(range(1, 13))
+    assert [r["loss"] for r in steps] == pytest.approx([r["loss"] for r in straight_steps], rel=1e-4)
+    assert [r["lr"] for r in steps] == pytest.approx([r["lr"] for r in straight_steps], rel=1e-6)
+    a, b = _adapter_tensors(straight["adapter_dir"]), _adapter_tensors(resumed["adapter_dir"])
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert any(float(v.abs().max()) > 0 for k, v in b.items() if "lora_B" in k)  # it did train
+    assert resumed["metrics"]["val_loss"] == pytest.approx(straight["metrics"]["val_loss"], rel=1e-4)
+
+    # W&B through torchtune's WandBLogger, offline, the run named as the PEFT loop names it, both
+    # sessions in one run; or, without wandb in the torchtune environment, a warning and nothing else.
+    import subprocess as sp
+    has_wandb = sp.run([str(_ENV_PYTHON), "-c", "import wandb"], capture_output=True).returncode == 0
+    run_id = tb.wandb_logger_args(spec, out)["id"]
+    if has_wandb:
+        runs = sorted((out / "wandb").glob(f"offline-run-*-{run_id}"))
+        assert runs, sorted(p.name for p in (out / "wandb").iterdir())
+    else:
+        assert any(e["level"] == "warning" and "wandb is not installed" in e["message"] for e in ctx.events)

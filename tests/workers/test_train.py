@@ -18,6 +18,7 @@ from workers.modeling.codec import IGNORE, PromptCodec
 from workers.modeling.forward import prefix_kv
 from workers.modeling.scoring import score_labels
 from workers.train.data import collate_train
+from tests.conftest import make_dataset_meta
 
 LABELS = ["World", "Sports", "Business", "Sci/Tech"]
 
@@ -35,8 +36,8 @@ def write_dataset(root: Path, ag_news_dir: Path, *, n_train: int = 48, n_val: in
 
     for name, part in (("train", rows[:n_train]), ("validation", rows[n_train:]), ("test", rows[n_train:])):
         (root / f"{name}.jsonl").write_text("".join(json.dumps(rec(i, r)) + "\n" for i, r in enumerate(part)))
-    (root / "meta.json").write_text(json.dumps({"label_names": LABELS, "template": template,
-                                                "instruction": instruction, "hash": f"fixture-{n_train}-{n_val}"}))
+    make_dataset_meta(label_names=LABELS, template=template, instruction=instruction,
+                      hash=f"fixture-{n_train}-{n_val}").save(root)
     return root
 
 
@@ -318,3 +319,32 @@ def test_a_few_steps_on_real_smollm2(smollm2_dir, ag_news_dir, tmp_path):
     assert 0.0 <= result["metrics"]["val_accuracy"] <= 1.0 and result["metrics"]["tokens_per_s"] > 0
     # Frozen base in bf16, LoRA weights kept (and saved) in fp32.
     assert {t.dtype for t in adapter_tensors(result["adapter_dir"]).values()} == {torch.float32}
+
+
+# -- one modelling core: validation accuracy is the classifier's accuracy ------------------------------
+
+def test_validation_predictions_equal_a_classify_job_item_by_item(tiny_model_dir, dataset_dir, tmp_path):
+    from workers.infer import AdapterRef, classify_items, get_engine
+    from workers.specs.classify import ClassifySpec
+    from workers.train.peft_loop import PeftLoraTrainer
+    # max_seq_len well above the articles' length: neither path cuts an article, so both see the same prompts.
+    spec = tiny_spec(tiny_model_dir, max_steps=8, learning_rate=3e-2, val_samples=12, max_seq_len=512)
+    trainer = PeftLoraTrainer(spec, dataset_dir, tmp_path / "run", LocalContext(work_dir=tmp_path))
+    trainer.setup()
+    try:
+        result = trainer.train()
+        predicted = trainer.predict(trainer.val_examples)
+        _, val_accuracy = trainer.evaluate(trainer.val_examples)
+    finally:
+        trainer.cleanup()
+    assert not any(e.truncated for e in trainer.val_examples)
+    by_id = {r["id"]: r for r in trainer.data.validation}
+    items = [{"id": e.id, "text": by_id[e.id]["input"], "label": by_id[e.id]["output"]} for e in trainer.val_examples]
+    ctx = LocalContext(work_dir=tmp_path)
+    summary = classify_items(items, engine=get_engine(str(tiny_model_dir), dtype="fp32", device="cpu"),
+                             model_ref=str(tiny_model_dir), adapter=AdapterRef(1, Path(result["adapter_dir"])),
+                             label_names=LABELS, instruction=default_instruction(LABELS), template="alpaca",
+                             spec=ClassifySpec(items=items, model=str(tiny_model_dir), dtype="fp32", device="cpu",
+                                               batch_size=5), ctx=ctx)
+    assert [ctx.predictions[e.id]["label"] for e in trainer.val_examples] == [LABELS[p] for p in predicted]
+    assert summary["accuracy"] == pytest.approx(val_accuracy)

@@ -1,23 +1,31 @@
 """One base model in memory serving the base and several LoRA adapters, cached across jobs.
 
-The base weights are loaded once per (model, dtype, device) and process; adapters are added to it
-with PEFT's multi-adapter API (`load_adapter`, `set_adapter`, `disable_adapter`) and evicted least
-recently used first (`delete_adapter`), so switching adapters between jobs never reloads the base.
+The base weights are loaded once per (model, dtype, device) and process. An adapter is merged once
+into its own copy of the weights it changes (W + scale * B @ A, computed in fp32 and rounded once to
+the base's dtype); `use(adapter)` swaps those tensors into the base's linear layers for the block and
+swaps the base's back afterwards. Classification with an adapter therefore runs the plain model at
+the base's speed (no LoRA matmuls per token), switching adapters costs a pointer swap per layer, and
+the base's own tensors are never modified (no merge/unmerge rounding drift). Merged copies are kept
+for up to `max_adapters` adapters and evicted least recently used first.
 """
 from __future__ import annotations
 
 import contextlib
 import json
+import re
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+import torch
+
+from core.contracts.adapter import AdapterMeta
+from core.contracts.base import ContractError
 from workers.modeling.forward import prefix_kv
 from workers.models import load_model, model_digest, pick_device, pick_dtype, resolve_model
 
-ADAPTER_META_FILE = "newslora.json"
 DEFAULT_MAX_ADAPTERS = 4
 
 
@@ -33,49 +41,101 @@ class AdapterRef:
     path: Path
 
 
-@dataclass(frozen=True)
-class AdapterMeta:
-    """What the trainer wrote into `newslora.json` next to the adapter weights."""
-
-    template: str
-    instruction: str | None
-    label_names: list[str] | None
-    base_model: str | None
-    base_model_digest: str | None
-
-
 def read_adapter_meta(path: Path) -> AdapterMeta:
-    """Read and check an adapter folder's `newslora.json`.
-
-    Accepted keys: `template`, `instruction`, `label_names`, the base model as `base_model` (a ref,
-    or a dict with `ref` and `digest`) and its digest as `base_model_digest` (or `model_digest`).
+    """Read and check an adapter folder: PEFT weights plus its `newslora.json` (`AdapterMeta`).
 
     Raises:
-        AdapterError: the folder, its PEFT config or its newslora.json is missing or unreadable.
+        AdapterError: the folder, its PEFT config or its newslora.json is missing or does not match the contract.
     """
     path = Path(path)
     if not path.is_dir():
         raise AdapterError(f"adapter folder {path} does not exist: check the adapter's registered path "
-                           f"(re-run the training job if its output was deleted)")
+                           f"(re-run the training job if its output was deleted; a worker on another machine "
+                           f"needs the shared artifact volume mounted at the same path)")
     if not (path / "adapter_config.json").is_file():
         raise AdapterError(f"{path} holds no adapter_config.json: it is not a PEFT adapter folder "
                            f"(save one with peft_model.save_pretrained())")
-    meta_file = path / ADAPTER_META_FILE
-    if not meta_file.is_file():
-        raise AdapterError(f"{path} has no {ADAPTER_META_FILE}: newslora cannot tell which prompt template and "
-                           f"base model the adapter was trained with; train it with newslora")
     try:
-        raw = json.loads(meta_file.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise AdapterError(f"{meta_file} is not valid JSON ({e}); re-run the training job") from e
-    base = raw.get("base_model")
-    base_ref, digest = base, raw.get("base_model_digest") or raw.get("model_digest")
-    if isinstance(base, dict):
-        base_ref, digest = base.get("ref") or base.get("name"), digest or base.get("digest")
-    if not raw.get("template"):
-        raise AdapterError(f"{meta_file} names no prompt template; re-run the training job")
-    return AdapterMeta(template=raw["template"], instruction=raw.get("instruction"),
-                       label_names=raw.get("label_names"), base_model=base_ref, base_model_digest=digest)
+        return AdapterMeta.load(path)
+    except ContractError as e:
+        raise AdapterError(str(e)) from None
+
+
+_UNSUPPORTED_LORA = {"use_dora": "DoRA", "modules_to_save": "modules_to_save", "layer_replication": "layer replication",
+                     "trainable_token_indices": "trainable tokens"}
+
+
+def merged_lora_weights(model: Any, path: Path) -> dict[str, torch.Tensor]:
+    """The weights a LoRA adapter changes, merged: {module name: W + scale * B @ A}, in W's dtype and device.
+
+    The sum is computed in fp32 and rounded once. `scale` is lora_alpha / r (lora_alpha / sqrt(r) with
+    rsLoRA), with PEFT's per-module `rank_pattern` / `alpha_pattern` honoured.
+
+    Raises:
+        AdapterError: no weights file, a LoRA variant that is not a plain linear delta (DoRA, embeddings,
+            modules_to_save, a bias), or a module the base model does not have.
+    """
+    path = Path(path)
+    cfg = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise AdapterError(f"{path}: a {cfg.get('peft_type')} adapter, not LoRA; newslora serves LoRA adapters")
+    used = [name for key, name in _UNSUPPORTED_LORA.items() if cfg.get(key)]
+    if cfg.get("bias", "none") != "none":
+        used.append(f"bias={cfg['bias']!r}")
+    if used:
+        raise AdapterError(f"{path}: LoRA with {', '.join(used)} cannot be merged into the base's linear weights; "
+                           f"train a plain LoRA adapter (newslora's trainers do)")
+    state = _adapter_state(path)
+    alpha, rslora = float(cfg.get("lora_alpha", 8)), bool(cfg.get("use_rslora"))
+    alpha_pattern = cfg.get("alpha_pattern") or {}
+    out: dict[str, torch.Tensor] = {}
+    for key, a in state.items():
+        if not key.endswith(".lora_A.weight"):
+            if ".lora_" in key and not key.endswith(".lora_B.weight"):
+                raise AdapterError(f"{path}: weight {key} is not a linear LoRA pair (lora_A/lora_B); "
+                                   f"only linear layers can be merged")
+            continue
+        module = key[:-len(".lora_A.weight")].removeprefix("base_model.model.")
+        b = state[key[:-len("lora_A.weight")] + "lora_B.weight"]
+        try:
+            target = model.get_submodule(module)
+        except AttributeError:
+            raise AdapterError(f"{path}: the adapter adapts {module}, which {type(model).__name__} does not "
+                               f"have; it was trained for another architecture") from None
+        r = a.shape[0]
+        mod_alpha = next((float(v) for pat, v in alpha_pattern.items()
+                          if re.fullmatch(rf"(.*\.)?{pat}", module)), alpha)
+        scale = mod_alpha / (r ** 0.5 if rslora else r)
+        delta = (b.float() @ a.float()) * scale  # (out, in)
+        if cfg.get("fan_in_fan_out"):
+            delta = delta.T
+        w = target.weight
+        if tuple(delta.shape) != tuple(w.shape):
+            raise AdapterError(f"{path}: {module}'s LoRA delta has shape {tuple(delta.shape)}, the base's weight "
+                               f"{tuple(w.shape)}; it was trained for another base model")
+        with torch.no_grad():
+            out[module] = (w.detach().float() + delta.to(w.device)).to(w.dtype)
+    if not out:
+        raise AdapterError(f"{path}: the adapter holds no LoRA weights")
+    return out
+
+
+def _adapter_state(path: Path) -> dict[str, torch.Tensor]:
+    if (path / "adapter_model.safetensors").is_file():
+        from safetensors.torch import load_file
+        return load_file(str(path / "adapter_model.safetensors"))
+    if (path / "adapter_model.bin").is_file():
+        return torch.load(path / "adapter_model.bin", map_location="cpu", weights_only=True)
+    raise AdapterError(f"{path} holds no adapter_model.safetensors (or .bin): the adapter's weights are missing; "
+                       f"re-run the training job")
+
+
+@dataclass
+class _Merged:
+    """A loaded adapter: its metadata and its merged copy of the weights it changes."""
+
+    meta: AdapterMeta
+    weights: dict[str, torch.Tensor]
 
 
 class InferenceEngine:
@@ -84,7 +144,8 @@ class InferenceEngine:
     Use `get_engine()` rather than building one: it caches engines per process.
 
     Attributes:
-        model: the Hugging Face causal LM (always the same object; PEFT injects LoRA layers into it).
+        model: the Hugging Face causal LM (always the same object, never PEFT-wrapped: inside
+            `use(adapter)` its adapted linear layers hold the adapter's merged weights).
         tokenizer: its tokenizer, `pad_token` set.
         base_loads: class-wide count of base-model loads (tests check that adapters never reload the base).
     """
@@ -102,8 +163,7 @@ class InferenceEngine:
         InferenceEngine.base_loads += 1
         self.digest = model_digest(model_ref)
         self.max_adapters = max_adapters
-        self.peft_model: Any = None  # the PeftModel wrapping self.model once an adapter is loaded
-        self._adapters: OrderedDict[str, AdapterMeta] = OrderedDict()  # name -> meta, LRU order
+        self._adapters: OrderedDict[str, _Merged] = OrderedDict()  # name -> merged weights, LRU order
         self._prefix_kv: OrderedDict[tuple, tuple] = OrderedDict()  # (adapter name, prefix ids) -> KV
         self.lock = threading.RLock()
 
@@ -127,9 +187,6 @@ class InferenceEngine:
             AdapterError: missing folder/files, or trained for another base model (digest differs).
         """
         meta = read_adapter_meta(adapter.path)
-        if meta.base_model_digest is None:
-            raise AdapterError(f"adapter {adapter.adapter_id} ({adapter.path}): newslora.json has no base model "
-                               f"digest, so it cannot be checked against {self.model_ref!r}; retrain it with newslora")
         if meta.base_model_digest != self.digest:
             raise AdapterError(
                 f"adapter {adapter.adapter_id} ({adapter.path}) was trained for base model "
@@ -144,19 +201,9 @@ class InferenceEngine:
             self._adapters.move_to_end(name)
             return name
         meta = self.adapter_meta(adapter)
-        from peft import PeftModel
-        if self.peft_model is None:
-            self.peft_model = PeftModel.from_pretrained(self.model, str(adapter.path), adapter_name=name,
-                                                        is_trainable=False)
-        else:
-            self.peft_model.load_adapter(str(adapter.path), adapter_name=name, is_trainable=False)
-        # PEFT builds new LoRA weights in fp32 on the CPU; match the base's device and dtype.
-        self.model.to(device=self.device, dtype=self.torch_dtype)
-        self.model.eval()
-        self._adapters[name] = meta
+        self._adapters[name] = _Merged(meta, merged_lora_weights(self.model, adapter.path))
         while len(self._adapters) > self.max_adapters:
             old, _ = self._adapters.popitem(last=False)
-            self.peft_model.delete_adapter(old)
             self._drop_prefix_kv(old)
         return name
 
@@ -169,13 +216,18 @@ class InferenceEngine:
         """
         with self.lock:
             if adapter is None:
-                ctx = self.peft_model.disable_adapter() if self.peft_model is not None else contextlib.nullcontext()
-                with ctx:
-                    yield None
+                yield None
                 return
             name = self._ensure_loaded(adapter)
-            self.peft_model.set_adapter(name)
-            yield name
+            modules = {m: self.model.get_submodule(m) for m in self._adapters[name].weights}
+            base = {m: mod.weight for m, mod in modules.items()}
+            try:
+                for m, mod in modules.items():  # (out, in) tensors swapped in, the base's kept aside
+                    mod.weight = torch.nn.Parameter(self._adapters[name].weights[m], requires_grad=False)
+                yield name
+            finally:
+                for m, mod in modules.items():
+                    mod.weight = base[m]
 
     # ------------------------------------------------------------------ shared-prefix KV cache
 

@@ -100,13 +100,17 @@ def load_items(spec: ClassifySpec, dataset_dir: Path | None) -> tuple[list[dict]
         InputFileError: a file is missing, not UTF-8, of unknown format, or a CSV lacks id/text columns.
         ValueError: dataset_id is set but no dataset folder was given.
     """
-    if spec.items is not None:
-        items = [{"id": it.id, "text": it.text, "label": it.label, "seq": i} for i, it in enumerate(spec.items)]
+    shard = spec.shard
+    if spec.items is not None:  # a shard child's inline items are its slice: they count on from shard.start
+        first = shard.start if shard is not None else 0
+        items = [{"id": it.id, "text": it.text, "label": it.label, "seq": first + i}
+                 for i, it in enumerate(spec.items)]
         rejected: list[dict] = []
     elif spec.input_file is not None:
         path = Path(spec.input_file).expanduser()
         if not path.is_file():
-            raise InputFileError(f"input file {path} does not exist")
+            raise InputFileError(f"input file {path} does not exist on this worker (a worker on another machine "
+                                 f"must see it at the same path: mount the shared volume there)")
         text = read_text_strict(path)
         suffix = path.suffix.lower()
         if suffix in (".jsonl", ".json", ".ndjson"):
@@ -119,6 +123,10 @@ def load_items(spec: ClassifySpec, dataset_dir: Path | None) -> tuple[list[dict]
     else:
         if dataset_dir is None:
             raise ValueError(f"spec names dataset {spec.dataset_id} but no dataset folder was given")
+        if not Path(dataset_dir).is_dir():
+            raise InputFileError(f"dataset {spec.dataset_id}'s folder {dataset_dir} does not exist on this worker: a "
+                                 f"worker on another machine must see the artifact volume at the same path - mount "
+                                 f"the shared volume (NEWSLORA_HOME) there")
         path = Path(dataset_dir) / f"{spec.split}.jsonl"
         if not path.is_file():
             raise InputFileError(f"dataset {spec.dataset_id} has no {spec.split} split ({path} is missing); "
@@ -126,4 +134,6 @@ def load_items(spec: ClassifySpec, dataset_dir: Path | None) -> tuple[list[dict]
         items, rejected = _parse_jsonl(path, read_text_strict(path), text_key="input", label_key="output")
     if spec.limit is not None:
         items = items[:spec.limit]
+    if shard is not None and spec.items is None:
+        items = items[shard.start:shard.stop]
     return items, rejected

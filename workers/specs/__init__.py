@@ -11,6 +11,7 @@ from pydantic import BaseModel, ValidationError
 from workers.specs.base import Spec
 from workers.specs.classify import ClassifySpec, ClassifyItem
 from workers.specs.evaluate import EvaluateSpec
+from workers.specs.export import ExportSpec
 from workers.specs.judge import JudgeSpec
 from workers.specs.noop import NoopSpec
 from workers.specs.pipeline import PipelineSpec
@@ -25,6 +26,7 @@ SPECS: dict[str, type[Spec]] = {
     "judge": JudgeSpec,
     "evaluate": EvaluateSpec,
     "pipeline": PipelineSpec,
+    "export": ExportSpec,
 }
 
 # Which queue runs each kind: cpu for data prep, judging and metrics; gpu for training and inference.
@@ -34,6 +36,7 @@ QUEUES: dict[str, str] = {
     "judge": "cpu",
     "evaluate": "cpu",
     "pipeline": "cpu",
+    "export": "cpu",  # merging and writing files; the check's classification is short
     "train": "gpu",
     "classify": "gpu",
 }
@@ -41,6 +44,13 @@ QUEUES: dict[str, str] = {
 
 class UnknownKind(ValueError):
     pass
+
+
+def spec_hash(spec: dict[str, Any]) -> str:
+    """A stable hash of a spec's JSON: the same spec reuses what it produced (dataset, adapter)."""
+    import hashlib
+    import json
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
 def parse_spec(kind: str, spec: dict[str, Any] | None) -> Spec:
@@ -57,4 +67,4 @@ def parse_spec(kind: str, spec: dict[str, Any] | None) -> Spec:
 
 __all__ = ["SPECS", "QUEUES", "Spec", "parse_spec", "UnknownKind", "ValidationError", "BaseModel",
            "NoopSpec", "PrepSpec", "SourceSpec", "TrainSpec", "LoraSpec", "ClassifySpec", "ClassifyItem",
-           "JudgeSpec", "EvaluateSpec", "PipelineSpec"]
+           "JudgeSpec", "EvaluateSpec", "PipelineSpec", "ExportSpec"]

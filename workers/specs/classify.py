@@ -13,6 +13,15 @@ class ClassifyItem(Spec):
     label: str | None = Field(default=None, description="gold label, when known (evaluation)")
 
 
+class ShardRange(Spec):
+    """The part of a sharded classify job's items that one shard child classifies (set by the parent job)."""
+
+    index: int = Field(ge=0, description="shard number, 0-based")
+    count: int = Field(ge=1, description="shards of the parent job")
+    start: int = Field(ge=0, description="first item (position among the input's valid items, after limit)")
+    stop: int = Field(ge=1, description="one past the last item")
+
+
 class ClassifySpec(Spec):
     """Classify a batch of texts with a base model and optionally an adapter."""
 
@@ -40,6 +49,9 @@ class ClassifySpec(Spec):
     seed: int = Field(default=0, description="sampling seed for mode='generate' with temperature > 0")
     dtype: Literal["auto", "bf16", "fp32", "fp16"] = "auto"
     device: str = "auto"
+    shard: ShardRange | None = Field(
+        default=None, description="set by a sharded parent job on its children (workers/shards.py): classify only "
+        "items start..stop-1 of the input. A shard child's inline `items` are already that slice")
 
     @model_validator(mode="after")
     def _one_input(self) -> "ClassifySpec":

@@ -31,7 +31,10 @@ class PrepSpec(Spec):
     name: str = Field(default="ag_news", min_length=1, max_length=200)
     train: SourceSpec = Field(default_factory=lambda: SourceSpec(path="fancyzhx/ag_news", split="train"))
     test: SourceSpec | None = Field(default_factory=lambda: SourceSpec(path="fancyzhx/ag_news", split="test"))
-    label_names: list[str] = Field(default_factory=lambda: list(AG_NEWS_LABELS), min_length=2)
+    label_names: list[str] | None = Field(
+        default=None, min_length=2, description="the labels, in label-id order. Not given: where every label in "
+        "the data is a name (not an integer id), the distinct names found, sorted (AG News's four, in AG News's "
+        "order, where they are all among those); else AG News's four (World, Sports, Business, Sci/Tech)")
     instruction: str | None = Field(default=None, description="default: lists the label names")
     template: Literal["alpaca", "chat"] = "alpaca"
     validation_fraction: float = Field(default=0.05, ge=0, lt=1)
@@ -49,6 +52,6 @@ class PrepSpec(Spec):
 
     @model_validator(mode="after")
     def _distinct_labels(self) -> "PrepSpec":
-        if len(set(self.label_names)) != len(self.label_names):
+        if self.label_names is not None and len(set(self.label_names)) != len(self.label_names):
             raise ValueError("label_names has duplicates")
         return self

@@ -9,15 +9,15 @@ Each is written to a temp folder and renamed into place, so a crash never leaves
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from core.atomic import atomic_dir
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.pt"
@@ -55,17 +55,10 @@ def save_checkpoint(out_dir: Path, step: int, *, model: Any, state: dict[str, An
     root = Path(out_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
-    tmp = root / f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    try:
+    with atomic_dir(final) as tmp:
         model.save_pretrained(tmp)
         torch.save(state, tmp / STATE_FILE)
         (tmp / "spec.json").write_text(json.dumps(spec_json, indent=2, default=str))
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for old in sorted(p for p in root.glob("step_*") if p != final)[:-(KEEP_LAST - 1) or None]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -92,14 +85,3 @@ def check_compatible(saved_fingerprint: dict[str, Any], fingerprint: dict[str, A
         shown = "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in diff.items())
         raise IncompatibleCheckpoint(f"cannot resume from {path}: {shown}. Use the same settings, or train "
                                      f"into a fresh out_dir")
-
-
-def replace_dir_atomically(src: Path, dst: Path) -> None:
-    """Move a finished folder into place; an existing dst is swapped out first and removed after."""
-    old = None
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex[:6]}")
-        dst.rename(old)
-    src.rename(dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -15,6 +15,8 @@ from typing import Any, Sequence
 
 import torch
 
+from core.contracts.base import ContractError
+from core.contracts.dataset import DatasetMeta
 from workers.modeling.codec import IGNORE, Example
 
 SPLIT_FILES = ("train.jsonl", "validation.jsonl", "meta.json")
@@ -26,7 +28,7 @@ class DatasetNotPrepared(ValueError):
 
 @dataclass
 class PreparedDataset:
-    meta: dict[str, Any]
+    meta: DatasetMeta
     train: list[dict[str, Any]]
     validation: list[dict[str, Any]]
 
@@ -35,7 +37,7 @@ def load_prepared(dataset_dir: Path) -> PreparedDataset:
     """Read the train and validation records and meta.json that a prep job wrote.
 
     Raises:
-        DatasetNotPrepared: a file is missing or unreadable, or meta.json lacks a required key.
+        DatasetNotPrepared: a file is missing or unreadable, or meta.json does not match its contract.
     """
     dataset_dir = Path(dataset_dir)
     hint = "run a prep job (workers.prep.prepare_dataset) to make one"
@@ -45,19 +47,16 @@ def load_prepared(dataset_dir: Path) -> PreparedDataset:
     if missing:
         raise DatasetNotPrepared(f"{dataset_dir} is not a prepared dataset (missing {', '.join(missing)}): {hint}")
     try:
-        meta = json.loads((dataset_dir / "meta.json").read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DatasetNotPrepared(f"{dataset_dir / 'meta.json'} is not valid JSON ({e}): {hint}") from None
-    need = [k for k in ("label_names", "template", "instruction", "hash") if not meta.get(k)]
-    if need:
-        raise DatasetNotPrepared(f"{dataset_dir / 'meta.json'} lacks {', '.join(need)}: {hint}")
+        meta = DatasetMeta.load(dataset_dir)
+    except ContractError as e:
+        raise DatasetNotPrepared(f"{e}: {hint}") from None
     splits = {name: _read_jsonl(dataset_dir / f"{name}.jsonl", hint) for name in ("train", "validation")}
     if not splits["train"]:
         raise DatasetNotPrepared(f"{dataset_dir / 'train.jsonl'} has no records: {hint}")
-    unknown = {r["output"] for r in splits["train"] + splits["validation"]} - set(meta["label_names"])
+    unknown = {r["output"] for r in splits["train"] + splits["validation"]} - set(meta.label_names)
     if unknown:
         raise DatasetNotPrepared(f"{dataset_dir}: outputs {sorted(unknown)} are not among label_names "
-                                 f"{meta['label_names']}: {hint}")
+                                 f"{meta.label_names}: {hint}")
     return PreparedDataset(meta=meta, train=splits["train"], validation=splits["validation"])
 
 

@@ -13,10 +13,8 @@ Where the time goes and what this loop does about it:
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import random
-import shutil
 import time
 import uuid
 from collections import deque
@@ -29,15 +27,17 @@ import torch.nn.functional as F
 
 from workers.context import JobCancelled, JobContext
 from workers.specs.train import TrainSpec
-from workers.train.checkpoint import (check_compatible, latest_checkpoint, load_checkpoint, replace_dir_atomically,
+from core.atomic import atomic_dir
+from workers.train.checkpoint import (check_compatible, latest_checkpoint, load_checkpoint,
                                       restore_rng_states, rng_states, save_checkpoint)
+from core.contracts.adapter import AdapterMeta
+from core.contracts.metrics import METRICS_FILE, MetricsRow, append_metrics, truncate_metrics_after
 from workers.modeling.codec import IGNORE, Example, PromptCodec
 from workers.modeling.forward import lm_head_of, prefix_kv, shared_prefix_hidden
 from workers.modeling.scoring import score_labels
 from workers.train.data import PreparedDataset, TrainBatch, collate_train, length_bucketed_batches, load_prepared
 
-ADAPTER_META = "newslora.json"
-METRICS_FILE = "metrics.jsonl"
+ADAPTER_META = AdapterMeta.FILE_NAME
 
 
 class UnknownTargetModules(ValueError):
@@ -150,8 +150,8 @@ class PeftLoraTrainer:
 
     def _setup_encoder(self) -> PromptCodec:
         meta = self.data.meta
-        return PromptCodec.build(self.tokenizer, template=meta["template"], instruction=meta["instruction"],
-                                 label_names=meta["label_names"])
+        return PromptCodec.build(self.tokenizer, template=meta.template, instruction=meta.instruction,
+                                 label_names=meta.label_names)
 
     def _setup_examples(self, records: list[dict[str, Any]], split: str) -> list[Example]:
         examples = self.encoder.examples(records, max_seq_len=self.spec.max_seq_len,
@@ -233,7 +233,7 @@ class PeftLoraTrainer:
 
     def _fingerprint(self) -> dict[str, Any]:
         s = self.spec
-        return {"model_digest": self.model_digest, "dataset_hash": self.data.meta["hash"],
+        return {"model_digest": self.model_digest, "dataset_hash": self.data.meta.hash,
                 "lora": s.lora.model_dump(mode="json"), "batch_size": s.batch_size, "grad_accum": s.grad_accum,
                 "seed": s.seed, "max_seq_len": s.max_seq_len, "train_on_input": s.train_on_input,
                 "max_train_samples": s.max_train_samples, "learning_rate": s.learning_rate,
@@ -256,7 +256,7 @@ class PeftLoraTrainer:
         self.history, self.stop_reason = state["history"], state["stop_reason"]
         self.last_eval_step = self.history[-1]["step"] if self.history else -1
         self.recent_losses.extend(state["recent_losses"])
-        self._truncate_metrics_after(self.step)
+        truncate_metrics_after(self.out_dir, self.step)
         self.ctx.event(f"train: resumed from step {self.step} of {self.total_steps} ({ckpt.name})",
                        metrics={"resumed_from_step": self.step})
 
@@ -365,22 +365,17 @@ class PeftLoraTrainer:
         elapsed = time.perf_counter() - self._session_start
         eta = elapsed / self._session_steps * (self.total_steps - self.step)
         row = {"step": self.step, "loss": round(loss, 5), "lr": lr, "tokens": tokens,
-               "tokens_per_s": round(tokens / seconds, 1), "step_s": round(seconds, 3)}
-        self._append_metrics(row)
+               "tokens_per_s": round(tokens / seconds, 1), "step_s": round(seconds, 3),
+               "train_s": round(self.train_seconds, 2)}
+        self._append_metrics(MetricsRow(type="step", **row))
         self.ctx.progress(self.step, self.total_steps, loss=row["loss"], lr=lr, tokens_per_s=row["tokens_per_s"],
                           eta_s=round(eta, 1))
 
-    def _append_metrics(self, row: dict[str, Any]) -> None:
-        with (self.out_dir / METRICS_FILE).open("a") as f:
-            f.write(json.dumps(row) + "\n")
+    def _append_metrics(self, row: MetricsRow) -> None:
+        append_metrics(self.out_dir, [row])
         if self.wandb is not None:
-            self.wandb.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
-
-    def _truncate_metrics_after(self, step: int) -> None:
-        f = self.out_dir / METRICS_FILE
-        if f.is_file():
-            rows = [line for line in f.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-            f.write_text("".join(r + "\n" for r in rows))
+            self.wandb.log(row.model_dump(exclude={"step", "format_version", "type"}, exclude_none=True),
+                           step=row.step)
 
     def _maybe_validate(self) -> None:
         if self.step % self.spec.eval_every == 0 and self.step < self.total_steps:
@@ -399,7 +394,7 @@ class PeftLoraTrainer:
                "wall_s": round(time.perf_counter() - self._session_start, 2)}
         self.history.append(row)
         self.last_eval_step = self.step
-        self._append_metrics({"type": "eval", **row})
+        self._append_metrics(MetricsRow(type="eval", **row))
         self.ctx.event(f"eval at step {self.step}: val_loss {val_loss:.4f}, val_accuracy {accuracy:.3f}", metrics=row)
         if val_loss < self.best_val_loss - 1e-4:
             self.best_val_loss, self.bad_evals = val_loss, 0
@@ -461,31 +456,26 @@ class PeftLoraTrainer:
                  "best_val_loss": self.best_val_loss, "bad_evals": self.bad_evals, "history": self.history,
                  "stop_reason": self.stop_reason, "recent_losses": list(self.recent_losses),
                  "fingerprint": self._fingerprint()}
-        save_checkpoint(self.out_dir, self.step, model=self.model, state=state, spec_json=self._adapter_meta())
+        save_checkpoint(self.out_dir, self.step, model=self.model, state=state, spec_json=self._adapter_meta().model_dump(mode="json"))
         self.last_saved_step = self.step
 
     # -- the result -------------------------------------------------------------------------------
 
-    def _adapter_meta(self) -> dict[str, Any]:
+    def _adapter_meta(self) -> AdapterMeta:
         from workers.version import code_version
         meta = self.data.meta
-        return {"template": meta["template"], "instruction": meta["instruction"], "label_names": meta["label_names"],
-                "base_model": self.spec.model, "base_model_path": str(self.model_dir),
-                "base_model_digest": self.model_digest, "dataset_hash": meta["hash"], "steps": self.step,
-                "max_seq_len": self.spec.max_seq_len, "spec": self.spec.model_dump(mode="json"),
-                "code_version": code_version(), "backend": "peft"}
+        return AdapterMeta(template=meta.template, instruction=meta.instruction, label_names=meta.label_names,
+                           base_model=self.spec.model, base_model_path=str(self.model_dir),
+                           base_model_digest=self.model_digest, dataset_hash=meta.hash, steps=self.step,
+                           max_seq_len=self.spec.max_seq_len, spec=self.spec.model_dump(mode="json"),
+                           code_version=code_version(), backend="peft")
 
     def _export(self) -> dict[str, Any]:
         """Write the final adapter (temp folder, then rename) and build the result dict."""
         adapter_dir = self.out_dir / "adapter"
-        tmp = self.out_dir / f".adapter.tmp-{uuid.uuid4().hex[:8]}"
-        try:
+        with atomic_dir(adapter_dir) as tmp:
             self.model.save_pretrained(tmp)
-            (tmp / ADAPTER_META).write_text(json.dumps(self._adapter_meta(), indent=2))
-            replace_dir_atomically(tmp, adapter_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            self._adapter_meta().save(tmp)
         last_eval = self.history[-1] if self.history else {}
         meta = self.data.meta
         metrics = {"train_loss": (sum(self.recent_losses) / len(self.recent_losses)) if self.recent_losses else None,
@@ -499,9 +489,9 @@ class PeftLoraTrainer:
                    "dtype": str(self.dtype).removeprefix("torch."), "device": str(self.device),
                    "stop_reason": self.stop_reason or "completed"}
         return {"adapter_dir": str(adapter_dir), "base_model": self.spec.model,
-                "base_model_digest": self.model_digest, "template": meta["template"],
-                "instruction": meta["instruction"], "label_names": list(meta["label_names"]),
-                "dataset_hash": meta["hash"], "steps": self.step, "total_steps": self.total_steps,
+                "base_model_digest": self.model_digest, "template": meta.template,
+                "instruction": meta.instruction, "label_names": list(meta.label_names),
+                "dataset_hash": meta.hash, "steps": self.step, "total_steps": self.total_steps,
                 "metrics": metrics, "history": list(self.history), "resumed_from_step": self.resumed_from_step,
                 "backend": "peft"}
 

@@ -1,0 +1,119 @@
+"""Check an export by reloading it the way its users will and classifying a fixed sample with it.
+
+The reference is newslora's own adapter path (the base model + the LoRA adapter through the inference
+engine, as classify jobs run it); the export must give the same label on nearly every article.
+"""
+from __future__ import annotations
+
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from workers.context import JobContext
+from workers.infer import AdapterRef, InferenceEngine, classify_items, get_engine
+from workers.specs.classify import ClassifySpec
+
+
+@dataclass
+class Verification:
+    """What the check measured on `n` articles of the dataset's test split (score mode)."""
+
+    n: int
+    agreement: float  # share of articles where the export's label equals the adapter path's
+    min_agreement: float
+    passed: bool
+    export_accuracy: float | None
+    adapter_accuracy: float | None
+    disagreements: list[dict[str, Any]]  # the first few: item id, adapter label, export label
+    reloaded_with: str
+    dtype: str
+    seconds: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        acc = (f"; accuracy {self.export_accuracy:.2%} (adapter {self.adapter_accuracy:.2%})"
+               if self.export_accuracy is not None and self.adapter_accuracy is not None else "")
+        return (f"labels equal to the adapter's on {self.agreement:.2%} of {self.n} articles "
+                f"(needs {self.min_agreement:.0%}){acc}")
+
+
+class _Collected:
+    """The job's context for events, progress and cancel; predictions kept here, not in the job's rows."""
+
+    def __init__(self, ctx: JobContext, what: str):
+        self._ctx, self._what = ctx, what
+        self.job_id, self.work_dir = ctx.job_id, ctx.work_dir
+        self.rows: dict[str, dict[str, Any]] = {}
+
+    def event(self, message: str, *, level: str = "info", metrics: dict[str, Any] | None = None) -> None:
+        self._ctx.event(f"verify ({self._what}): {message}", level=level, metrics=metrics)
+
+    def progress(self, done: float, total: float | None = None, *, message: str | None = None, **metrics: Any) -> None:
+        self._ctx.progress(done, total, message=f"verify ({self._what}): {message or 'classified'}", **metrics)
+
+    def check_cancel(self) -> None:
+        self._ctx.check_cancel()
+
+    def save_predictions(self, rows: Sequence[Any]) -> None:
+        for r in rows:  # PredictionRow contracts (or plain dicts)
+            row = r.model_dump() if hasattr(r, "model_dump") else dict(r)
+            self.rows[str(row["item_id"])] = row
+
+    def done_item_ids(self) -> set[str]:
+        return set()
+
+
+def _classify(engine: InferenceEngine, items: list[dict], *, adapter: AdapterRef | None, model_ref: str,
+              label_names: list[str], instruction: str, template: str, spec: ClassifySpec, ctx: JobContext,
+              what: str) -> tuple[dict[str, str | None], dict[str, Any]]:
+    collected = _Collected(ctx, what)
+    summary = classify_items(items, engine=engine, model_ref=model_ref, adapter=adapter, label_names=label_names,
+                             instruction=instruction, template=template, spec=spec, ctx=collected)
+    return {iid: r["label"] for iid, r in collected.rows.items()}, summary
+
+
+def compare_to_adapter(export_model_dir: Path, items: list[dict], *, adapter: AdapterRef, base_model: str,
+                       label_names: list[str], instruction: str, template: str, min_agreement: float,
+                       reloaded_with: str, dtype: str, device: str, batch_size: int,
+                       ctx: JobContext) -> Verification:
+    """Classify `items` with the adapter path and with the checkpoint at `export_model_dir`; compare.
+
+    Args:
+        export_model_dir: a Hugging Face checkpoint folder loaded with transformers alone (the merged
+            export itself, or what transformers' `gguf_file=` loader read from a GGUF export).
+        items: the fixed sample ({"id", "text", "label"}).
+    """
+    import time
+    start = time.perf_counter()
+    spec = ClassifySpec(dataset_id=1, mode="score", batch_size=batch_size, dtype=dtype, device=device)
+    ref_engine = get_engine(base_model, dtype=dtype, device=device)
+    ref, ref_summary = _classify(ref_engine, items, adapter=adapter, model_ref=base_model, label_names=label_names,
+                                 instruction=instruction, template=template, spec=spec, ctx=ctx, what="adapter")
+    engine = InferenceEngine(str(export_model_dir), dtype=dtype, device=device)  # not cached: used once
+    try:
+        got, got_summary = _classify(engine, items, adapter=None, model_ref=str(export_model_dir),
+                                     label_names=label_names, instruction=instruction, template=template, spec=spec,
+                                     ctx=ctx, what=reloaded_with)
+    finally:
+        del engine
+    ids = [iid for iid in ref if ref[iid] is not None]
+    same = [iid for iid in ids if got.get(iid) == ref[iid]]
+    agreement = len(same) / len(ids) if ids else 0.0
+    diffs = [{"item_id": iid, "adapter": ref[iid], "export": got.get(iid)} for iid in ids if got.get(iid) != ref[iid]]
+    return Verification(n=len(ids), agreement=round(agreement, 4), min_agreement=min_agreement,
+                        passed=bool(ids) and agreement >= min_agreement,
+                        export_accuracy=got_summary.get("accuracy"), adapter_accuracy=ref_summary.get("accuracy"),
+                        disagreements=diffs[:10], reloaded_with=reloaded_with, dtype=dtype,
+                        seconds=round(time.perf_counter() - start, 1))
+
+
+def reload_gguf_as_checkpoint(gguf_dir: Path, gguf_name: str, target: Path) -> Path:
+    """What a transformers user gets from `from_pretrained(gguf_dir, gguf_file=gguf_name)`, saved as a plain
+    checkpoint folder (tokenizer included) so the inference engine can load it."""
+    from workers.models import convert_gguf
+    if target.exists():
+        shutil.rmtree(target)
+    return convert_gguf(gguf_dir, gguf_name, target)
