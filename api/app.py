@@ -317,9 +317,9 @@ def cancel_job(job_id: RowId, s: Session = Depends(db)) -> JobOut:
     except jobq.JobStateConflict as e:
         raise HTTPException(409, str(e)) from None
     s.commit()
-    if job.kind == "pipeline":
-        # A pipeline waiting between its stages has no task running to see the cancel: advancing it ends
-        # it now and cascades to its children.
+    if job.kind == "pipeline" or (job.kind == "classify" and jobq.children(job_id, session=s)):
+        # A pipeline waiting between its stages (or a classify job waiting for its shards) has no task
+        # running to see the cancel: advancing it ends it now and cascades to its children.
         from broker.app import enqueue_advance
         try:
             enqueue_advance(job_id)
@@ -391,14 +391,10 @@ def get_model(model_id: RowId, s: Session = Depends(db)) -> ModelOut:
 @app.get("/models/{model_id}/exports", response_model=list[ModelOut], responses=ROW_ERRORS)
 def list_exports(model_id: RowId, s: Session = Depends(db)) -> list[ModelOut]:
     """The registered exports of an adapter (`newslora export`), newest first, each with its verification."""
-    from sqlalchemy import select
-    from db.models import ModelArtifact
     art = resq.get_artifact(model_id, session=s)
     if art is None or art.kind != "adapter":
         raise HTTPException(404, f"no adapter with id {model_id}")
-    rows = s.scalars(select(ModelArtifact).where(ModelArtifact.kind == "export")
-                     .order_by(ModelArtifact.id.desc())).all()
-    return [ModelOut.model_validate(r) for r in rows if (r.spec or {}).get("adapter_id") == model_id]
+    return [ModelOut.model_validate(r) for r in resq.exports_of(model_id, session=s)]
 
 
 @app.get("/models/{model_id}/download", response_class=Response,

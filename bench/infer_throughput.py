@@ -156,10 +156,9 @@ def main() -> None:
             for name, (model, tok) in refs.items():
                 if rhi > rlo:
                     parts[name].append(reference_method(model, tok, items[rlo:rhi]))
-            parts["newslora_base"].append(newslora_score(engine, items[lo:hi], adapter=None,
-                                                         batch_size=args.batch_size))
-            parts["newslora_adapter"].append(newslora_score(engine, items[lo:hi], adapter=adapter,
-                                                            batch_size=args.batch_size))
+            runs = [("newslora_base", None), ("newslora_adapter", adapter)]
+            for name, which in runs[::1 if r % 2 == 0 else -1]:  # alternate which goes first
+                parts[name].append(newslora_score(engine, items[lo:hi], adapter=which, batch_size=args.batch_size))
     out = {name: _total(p) for name, p in parts.items()}
     rate = {name: o["items_per_s"] for name, o in out.items()}
     print(json.dumps({

@@ -36,8 +36,8 @@ FLOPs of the work executed (padding excluded, so never more than was computed):
   (d = hidden size; the prefix's keys included for the newslora rows);
 - LM head (frozen, tied): 4*V*H a position where it is applied: the target positions for newslora,
   every real position for the naive loops and torchtune (the HF forward computes all logits).
-`fraction_of_bf16_peak` divides the executed FLOPs a second by a measured bf16 matmul peak (the best of
-a few 2048^3 matmuls before and after the run); it cannot exceed 1 unless the peak is measured low.
+`fraction_of_bf16_peak` divides the executed FLOPs a second by a measured bf16 matmul peak (the fastest
+single 1024^3 or 2048^3 matmul, before and after the run); it cannot exceed 1 unless the peak is measured low.
 
 Prints the load average at the start and the end (stderr), then one JSON object (stdout).
 """
@@ -85,16 +85,18 @@ def write_dataset(root: Path, n: int) -> Path:
     return root
 
 
-def matmul_gflops(dtype: torch.dtype, n: int = 2048, reps: int = 8, trials: int = 3) -> float:
-    """The best of `trials` timings of `reps` n x n matmuls: a peak, so the least disturbed trial."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
+def matmul_gflops(dtype: torch.dtype, sizes: Sequence[int] = (1024, 2048), reps: int = 12) -> float:
+    """A peak: the fastest single n x n matmul over a few sizes. The size matters on this CPU (bf16 AMX:
+    ~1.7 TFLOP/s at 1024, ~0.8 at 2048, whose operands outgrow the cache), and one call is less likely
+    than a run of calls to be interrupted by other work."""
     best = 0.0
-    for _ in range(trials):
-        t = time.perf_counter()
+    for n in sizes:
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a @ b
         for _ in range(reps):
+            t = time.perf_counter()
             a @ b
-        best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e9)
+            best = max(best, 2 * n ** 3 / (time.perf_counter() - t) / 1e9)
     return best
 
 
@@ -289,8 +291,9 @@ def main() -> None:
             loops["naive_fp32"] = NaiveLoop(model_dir, examples, spec, torch.float32, pad)
             loops["naive_bf16"] = NaiveLoop(model_dir, examples, spec, torch.bfloat16, pad)
         loops["newslora"] = NewsloraLoop(trainer)
-        for loop in loops.values():
+        for name, loop in loops.items():
             loop.step()  # warm-up, not timed
+            print(f"{name}: warm-up step done", file=sys.stderr)
         names = list(loops) + (["torchtune"] if args.with_torchtune else [])
         acc = {name: [Work(), 0.0, 0] for name in names}
         tt_info: dict[str, Any] = {}
@@ -313,6 +316,8 @@ def main() -> None:
                     tt_info = {**info, "startup_s": tt_info.get("startup_s", []) + [info["startup_s"]]}
                 except Exception as e:  # noqa: BLE001 - report why the figure is missing, keep the others
                     tt_info = {"error": f"{type(e).__name__}: {e}"}
+            print(f"round {r + 1} of {args.rounds} done: " + ", ".join(
+                f"{n} {a[0].data_tokens / a[1]:.0f} tokens/s" for n, a in acc.items() if a[1]), file=sys.stderr)
         fm = FlopModel.of(model_dir, spec.lora.rank, spec.lora.target_modules)
         dtypes = {name: loop.dtype for name, loop in loops.items()} | {"torchtune": tt_info.get("dtype", "?")}
         losses = loops["newslora"].losses

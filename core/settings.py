@@ -40,6 +40,10 @@ class Settings(BaseSettings):
     # it wrote a message to disk (Redis appendfsync everysec) loses up to a second of them. Duplicates are
     # dropped by the lease, so this only costs a message.
     requeue_queued_after_s: float = Field(default=900.0, alias="NEWSLORA_REQUEUE_QUEUED_AFTER_S")
+    # Torch intra-op threads in each worker process (None: torch's default, one per core). On a small
+    # machine shared with other processes, 1 avoids threads waiting on each other (measured on 2 cores
+    # under load: 12 generated tokens 55 s with 2 threads, 3 s with 1).
+    torch_threads: int | None = Field(default=None, ge=1, alias="NEWSLORA_TORCH_THREADS")
     wait_retries: int = Field(default=30, alias="NEWSLORA_WAIT_RETRIES")
     # A classify job with more items than this becomes shard child jobs on the gpu queue, so that every gpu
     # worker takes a part (workers/shards.py); a killed worker costs at most one shard's unsaved items.

@@ -79,10 +79,6 @@ def prediction_row(p: Prediction) -> PredictionRow:
     return PredictionRow.from_columns({c: getattr(p, c) for c in PredictionRow.COLUMNS})
 
 
-def prediction_dict(p: Prediction) -> dict[str, Any]:
-    return prediction_row(p).model_dump(mode="json", exclude={"format_version"})
-
-
 def save_judge_scores(job_id: int, rows: Sequence[JudgeRow], *, session: Session) -> None:
     """Upsert judge rows on (job, item); every field of the row survives (columns + the `extra` JSON)."""
     clean = [{"job_id": job_id, **JudgeRow.model_validate(r).to_columns()} for r in rows]
@@ -141,6 +137,13 @@ def artifact_by_spec_hash(spec_hash: str, *, session: Session) -> ModelArtifact 
 
 def get_artifact(artifact_id: int, *, session: Session) -> ModelArtifact | None:
     return session.get(ModelArtifact, artifact_id)
+
+
+def exports_of(adapter_id: int, *, session: Session) -> list[ModelArtifact]:
+    """The export artifacts made from an adapter (kind 'export', the adapter's id in their spec), newest first."""
+    rows = session.scalars(select(ModelArtifact).where(ModelArtifact.kind == "export")
+                           .order_by(ModelArtifact.id.desc())).all()
+    return [r for r in rows if (r.spec or {}).get("adapter_id") == adapter_id]
 
 
 def list_artifacts(*, session: Session, limit: int = 50, offset: int = 0) -> Sequence[ModelArtifact]:

@@ -399,8 +399,6 @@ def _judge_block(rows_by_model: Mapping[str, Sequence[Mapping[str, Any]]] | None
 def _judge_validity(judge_summary: Mapping[str, Mapping[str, Any]], dialogue_summary: Mapping[str, Mapping[str, Any]],
                     missing: list[str]) -> dict[str, Any] | None:
     """Each judge run's control-set result, and the runs whose scores are not evidence (flagged in `missing`)."""
-    from workers.judge import validity_line
-
     if not judge_summary and not dialogue_summary:
         return None
     out: dict[str, Any] = {"judge": {}, "dialogue": {}, "not_evidence": []}
@@ -410,7 +408,10 @@ def _judge_validity(judge_summary: Mapping[str, Mapping[str, Any]], dialogue_sum
             if not summ.get("evidence"):
                 what = "judge" if block == "judge" else "general-instruction judge"
                 out["not_evidence"].append(f"{block}:{name}")
-                missing.append(f"{name}: {what} scores are not evidence - {validity_line(summ.get('validity'))}")
+                v = summ.get("validity")
+                why = "scored no control pairs" if not v or not v.get("n_pairs") else \
+                    f"did not beat chance on its control set ({v['k_correct']} of {v['n_pairs']})"
+                missing.append(f"{name}: the {what} {why}: its scores are not evidence")
     return out
 
 

@@ -67,9 +67,9 @@ def run_classify(spec: ClassifySpec, ctx: JobContext, *, dataset_dir: Path | Non
     engine = get_engine(spec.model, dtype=spec.dtype, device=spec.device)
     summary = classify_items(items, engine=engine, model_ref=spec.model, adapter=adapter, label_names=label_names,
                              instruction=instruction, template=template, spec=spec, ctx=ctx)
-    return ClassifyResult(**summary, rejected=0 if spec.shard else len(rejected), label_names=label_names, template=template,
-                          instruction=instruction, dataset_id=spec.dataset_id, adapter_id=spec.adapter_id,
-                          model=spec.model)
+    return ClassifyResult(**summary, rejected=0 if spec.shard else len(rejected), label_names=label_names,
+                          template=template, instruction=instruction, dataset_id=spec.dataset_id,
+                          adapter_id=spec.adapter_id, model=spec.model)
 
 
 def classify_items(items: list[dict], *, engine: InferenceEngine, model_ref: str, adapter: AdapterRef | None,

@@ -167,7 +167,7 @@ def _advance(pipeline_id: int) -> str:
         job = s.get(Job, pipeline_id)
         if job is None:
             return "missing"
-        if job.status in TERMINAL:
+        if job.status in TERMINAL or job.kind != "pipeline":  # not a pipeline: nothing of ours to advance
             return job.status
         if job.status == "queued":
             outcome = jobq.claim(pipeline_id, "pipeline", session=s, lease_s=pipeline_lease_s())

@@ -107,7 +107,8 @@ def judge_validity_lines(ev: Mapping[str, Any]) -> list[str]:
     for block, title in (("judge", "judge"), ("dialogue", "general-instruction judge")):
         for name, s in (ev.get(block) or {}).items():
             lines.append(f"{title} of {name} ({s.get('backend')} {s.get('judge_model')}, {s.get('rubric') or 'two-score'}"
-                         f" rubric, {s.get('scoring') or 'text'} scoring): {validity_line(s.get('validity'))}")
+                         f" rubric, {s.get('scoring') or 'text'} scoring): "
+                         f"{validity_line(s.get('validity')).removeprefix('judge validity: ')}")
     return lines
 
 

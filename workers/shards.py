@@ -14,7 +14,6 @@ what it stored). The parent's prediction listing covers its shards (db/results.p
 """
 from __future__ import annotations
 
-import logging
 import math
 from datetime import timedelta
 from typing import Any
@@ -26,8 +25,6 @@ from db import results as resq
 from db.models import TERMINAL, Job, utcnow
 from db.session import session_scope
 from workers.specs.classify import ClassifySpec
-
-log = logging.getLogger("newslora.shards")
 
 
 class ShardsPending(Exception):
@@ -105,39 +102,48 @@ def _size(job: Job) -> int:
 
 
 def advance(job_id: int) -> str | None:
-    """Look at a sharded parent's shards; finish it once all have ended. Returns its status afterwards,
-    or None when the job is not a sharded classify job (then it is someone else's to advance)."""
+    """Look at a sharded parent's shards; finish it once all have ended (then tell its own parent, a
+    pipeline, if any). Returns its status afterwards, or None when the job is not a sharded classify job
+    (then it is someone else's to advance)."""
+    status, parent_id = _advance(job_id)
+    if status in TERMINAL and parent_id is not None:
+        from broker.app import enqueue_advance
+        enqueue_advance(parent_id)
+    return status
+
+
+def _advance(job_id: int) -> tuple[str | None, int | None]:
     with session_scope() as s:
         job = s.get(Job, job_id)
         if job is None or job.kind != "classify":
-            return None
+            return None, None
         kids = [k for k in jobq.children(job_id, session=s) if is_shard(k)]
         if not kids:
-            return None
+            return None, None
         if job.status in TERMINAL:
-            return job.status
+            return job.status, None  # told its parent when it ended
         roll_up(job_id, session=s)
         if not all(k.status in TERMINAL for k in kids):
             failed = next((k for k in kids if k.status == "failed"), None)
             if failed is None or job.cancel_requested:
-                return job.status
+                return job.status, None
             # One failed shard fails the job: stop the others (they report back when stopped).
             jobq.request_cancel(job_id, session=s)
             jobq.add_event(job_id, f"shard {_index(failed)} (job {failed.id}) failed: stopping the other shards",
                            session=s, level="error")
-            return job.status
+            return job.status, None
         failed = next((k for k in kids if k.status == "failed"), None)
         cancelled = next((k for k in kids if k.status == "cancelled"), None)
         if failed is not None:
             jobq.finish(job_id, "failed", session=s, error=f"shard {_index(failed)} (job {failed.id}) failed: "
                                                            f"{failed.error}")
-            return "failed"
+            return "failed", job.parent_id
         if cancelled is not None or job.cancel_requested:
             jobq.finish(job_id, "cancelled", session=s)
-            return "cancelled"
+            return "cancelled", job.parent_id
         result = merge_results(job, kids, parent_rows=resq.prediction_rows(job_id, session=s, shards=False))
         jobq.finish(job_id, "succeeded", session=s, result=result.model_dump(mode="json"))
-        return "succeeded"
+        return "succeeded", job.parent_id
 
 
 def _index(job: Job) -> int:

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from celery.signals import worker_ready
+from celery.signals import worker_process_init, worker_ready
 
 from broker.app import TASK_NAMES, ADVANCE_PIPELINE, app
 from core.settings import get_settings
@@ -221,10 +221,6 @@ def _run_export(job: Job, spec, ctx: StoreContext) -> dict[str, Any]:
                 "verification": result["verification"]}
 
 
-def _run_pipeline(job: Job, spec, ctx: StoreContext) -> dict[str, Any]:
-    raise RuntimeError("pipelines are advanced by newslora.advance_pipeline, not run as one task")
-
-
 HANDLERS = {"noop": _run_noop, "prep": _run_prep, "train": _run_train, "classify": _run_classify,
             "judge": _run_judge, "evaluate": _run_evaluate, "export": _run_export}
 
@@ -251,6 +247,15 @@ def run_pipeline(job_id: int) -> str:
 def advance_pipeline(job_id: int) -> str:
     from workers.shards import advance as advance_shards  # a sharded classify job's shard ended
     return advance_shards(job_id) or advance(job_id)
+
+
+@worker_process_init.connect
+def _on_worker_process_init(**_: Any) -> None:
+    """Apply NEWSLORA_TORCH_THREADS in each worker process before it runs a job."""
+    threads = get_settings().torch_threads
+    if threads:
+        import torch
+        torch.set_num_threads(threads)
 
 
 @worker_ready.connect

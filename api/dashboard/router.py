@@ -11,16 +11,17 @@ Fragments are Jinja2 templates with autoescaping on: item texts, job errors and 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import urlencode
 
 import jinja2
-from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, HTTPException, Path as PathParam, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, Response
 from fastapi.templating import Jinja2Templates
 from sqlalchemy.orm import Session
 
 from api.dashboard import views
+from api.schemas import MAX_ID
 from db import jobs as jobq
 from db import results as resq
 from db.session import session_scope
@@ -33,6 +34,10 @@ SHELL_CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-in
 # Reports are self-contained pages (inline style, PNG data URIs) that never need a script.
 REPORT_CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:; base-uri 'none'; form-action 'none'"
 PAGE_SIZE = 50
+# Ids and offsets past 64 bits are refused (422) before they reach the database.
+RowId = Annotated[int, PathParam(ge=1, le=MAX_ID)]
+Offset = Annotated[int, Query(ge=0, le=MAX_ID)]
+EvalId = Annotated[int, Query(ge=1, le=MAX_ID)]
 
 
 def _fmt_seconds(s: float | None) -> str:
@@ -113,13 +118,13 @@ def _job_list_context(s: Session, kind: str | None, status: str | None, offset: 
 
 @router.get("/dashboard/fragments/jobs")
 def jobs_fragment(request: Request, kind: str | None = None, status: str | None = None,
-                  offset: int = Query(0, ge=0), s: Session = Depends(db)) -> HTMLResponse:
+                  offset: Offset = 0, s: Session = Depends(db)) -> HTMLResponse:
     return _fragment(request, "jobs.html", **_job_list_context(s, kind, status, offset))
 
 
 @router.get("/dashboard/fragments/jobs/rows")
 def job_rows_fragment(request: Request, kind: str | None = None, status: str | None = None,
-                      offset: int = Query(0, ge=0), s: Session = Depends(db)) -> HTMLResponse:
+                      offset: Offset = 0, s: Session = Depends(db)) -> HTMLResponse:
     return _fragment(request, "_job_rows.html", **_job_list_context(s, kind, status, offset))
 
 
@@ -132,19 +137,19 @@ def _job_context(job_id: int, s: Session) -> dict[str, Any]:
 
 
 @router.get("/dashboard/fragments/jobs/{job_id:int}")
-def job_fragment(request: Request, job_id: int, s: Session = Depends(db)) -> HTMLResponse:
+def job_fragment(request: Request, job_id: RowId, s: Session = Depends(db)) -> HTMLResponse:
     return _fragment(request, "job.html", **_job_context(job_id, s))
 
 
 @router.get("/dashboard/fragments/jobs/{job_id:int}/summary")
-def job_summary_fragment(request: Request, job_id: int, s: Session = Depends(db)) -> HTMLResponse:
+def job_summary_fragment(request: Request, job_id: RowId, s: Session = Depends(db)) -> HTMLResponse:
     return _fragment(request, "_job_summary.html", **_job_context(job_id, s))
 
 
 @router.get("/dashboard/fragments/jobs/{job_id:int}/predictions")
-def predictions_fragment(request: Request, job_id: int, wrong: bool = False, gold: str | None = None,
+def predictions_fragment(request: Request, job_id: RowId, wrong: bool = False, gold: str | None = None,
                          predicted: str | None = None, min_conf: float | None = Query(None, ge=0, le=1),
-                         max_conf: float | None = Query(None, ge=0, le=1), offset: int = Query(0, ge=0),
+                         max_conf: float | None = Query(None, ge=0, le=1), offset: Offset = 0,
                          limit: int = Query(PAGE_SIZE, ge=1, le=500), s: Session = Depends(db)) -> HTMLResponse:
     job = _job_or_404(job_id, s)
     if job.kind != "classify":
@@ -162,14 +167,14 @@ def predictions_fragment(request: Request, job_id: int, wrong: bool = False, gol
 # ---------------------------------------------------------------- fragments: evaluations
 
 @router.get("/dashboard/fragments/evaluations")
-def evaluations_fragment(request: Request, offset: int = Query(0, ge=0), s: Session = Depends(db)) -> HTMLResponse:
+def evaluations_fragment(request: Request, offset: Offset = 0, s: Session = Depends(db)) -> HTMLResponse:
     rows, total = resq.list_evaluations(session=s, limit=PAGE_SIZE, offset=offset)
     return _fragment(request, "evaluations.html", evaluations=rows, total=total, offset=offset,
                      page_size=PAGE_SIZE, summary=views.evaluation_summary)
 
 
 @router.get("/dashboard/fragments/evaluations/compare")
-def compare_fragment(request: Request, a: int, b: int, ma: str | None = None, mb: str | None = None,
+def compare_fragment(request: Request, a: EvalId, b: EvalId, ma: str | None = None, mb: str | None = None,
                      s: Session = Depends(db)) -> HTMLResponse:
     evs = []
     for eid in (a, b):
@@ -190,7 +195,7 @@ def compare_fragment(request: Request, a: int, b: int, ma: str | None = None, mb
 # ---------------------------------------------------------------- reports (served by the API, downloadable)
 
 @router.get("/evaluations/{eval_id}/report")
-def evaluation_report(eval_id: int, download: bool = False, s: Session = Depends(db)) -> Response:
+def evaluation_report(eval_id: RowId, download: bool = False, s: Session = Depends(db)) -> Response:
     ev = resq.get_evaluation(eval_id, session=s)
     if ev is None:
         raise HTTPException(404, f"no evaluation with id {eval_id}")

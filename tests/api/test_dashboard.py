@@ -149,12 +149,14 @@ def stack(tmp_path_factory):
     home = tmp_path_factory.mktemp("dash") / "home"
     home.mkdir()
     st = Stack(make_stack_env(home, database_url=None, broker_url=None), home)
-    up = _newslora(st.env, "up")
-    assert up.returncode == 0, up.stderr
-    st.up_stdout = up.stdout
-    st.ids = seed_store(f"sqlite:///{home}/newslora.sqlite")
-    yield st
-    _newslora(st.env, "down")
+    try:
+        up = _newslora(st.env, "up")
+        assert up.returncode == 0, up.stderr
+        st.up_stdout = up.stdout
+        st.ids = seed_store(f"sqlite:///{home}/newslora.sqlite")
+        yield st
+    finally:
+        _newslora(st.env, "down")
 
 
 def test_newslora_up_prints_the_dashboard_url(stack):
@@ -347,7 +349,11 @@ def test_token_is_required_beyond_loopback_and_cancel_works_with_it(tmp_path, br
         assert page.locator("tr[data-job-id]").count() == 0
         status = page.evaluate(f"fetch('/jobs/{job['id']}/cancel', {{method: 'POST'}}).then(r => r.status)")
         assert status == 401
-        assert httpx.get(f"{st.url}/dashboard/fragments/jobs").status_code == 401
+        for path in ("/dashboard/fragments/jobs", "/dashboard/fragments/jobs/rows",
+                     f"/dashboard/fragments/jobs/{job['id']}", "/evaluations/1/report"):
+            assert httpx.get(st.url + path).status_code == 401, path
+        sneaky = httpx.get(f"{st.url}/dashboard//fragments/jobs")  # public, but only ever the empty shell
+        assert sneaky.status_code == 200 and "data-job-id" not in sneaky.text and "noop" not in sneaky.text
 
         page.fill("#token-form input[name=token]", "wrong")
         page.click("#token-form button")

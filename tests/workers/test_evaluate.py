@@ -259,3 +259,27 @@ def test_evaluate_runs_notes_a_missing_baseline(seven):
     ev = evaluate_runs({"base": seven}, LABELS, baseline=other)
     assert ev["baseline"] is None
     assert any("no classical baseline: none of the 7 evaluated items is in elsewhere" in m for m in ev["missing"])
+
+
+def test_the_evaluate_stage_fits_the_baseline_on_the_prepared_train_split(ag_news_dir, tmp_path):
+    """run_evaluation (what the evaluate job calls) on a real prep artifact: the baseline is fitted on its
+    train split, scored on the classified test items, and the document passes its contract."""
+    from workers.context import LocalContext
+    from workers.evaluate import EvaluationInputs, run_evaluation
+    from workers.prep import load_records, prepare_dataset, read_meta
+    from workers.specs.prep import PrepSpec, SourceSpec
+    spec = PrepSpec(train=SourceSpec(path=str(ag_news_dir / "train.jsonl")),
+                    test=SourceSpec(path=str(ag_news_dir / "test.csv")), max_per_class=150, test_max_per_class=10)
+    ctx = LocalContext(work_dir=tmp_path)
+    prepare_dataset(spec, tmp_path / "ds", ctx)
+    test = load_records(tmp_path / "ds", "test")
+    names = list(read_meta(tmp_path / "ds").label_names)
+    base = [pred(r["id"], names[0], r["output"]) for r in test]  # always the first class
+    tuned = [pred(r["id"], r["output"], r["output"]) for r in test[:-3]]  # right, 3 items not classified
+    doc, report = run_evaluation(EvaluateSpec(classify_job_ids=[1, 2], bootstrap=0, report=False),
+                                 EvaluationInputs(runs={"base": base, "fine-tuned": tuned}, label_names=names,
+                                                  dataset_dir=tmp_path / "ds"), ctx, report_dir=tmp_path / "r")
+    bl = doc.baseline
+    assert report is None and bl["n_items"] == 40 and bl["n_train"] > 500
+    assert 0.5 < bl["metrics"]["accuracy"]["value"] <= 1.0  # 600 training articles: well above chance (0.25)
+    assert bl["comparisons"]["fine-tuned"]["n_paired"] == 37 and bl["comparisons"]["fine-tuned"]["b"] == 0

@@ -281,7 +281,8 @@ def test_resume_skips_done_items_after_a_cancel(engine):
     first = {k: dict(v) for k, v in ctx.predictions.items()}
     ctx.cancel_after_checks = None
     summary, _ = _classify(engine, items, ctx=ctx, batch_size=2)
-    assert summary["skipped_done"] == 4 and summary["classified"] == len(items) - 4
+    assert summary["skipped_done"] == 4 and summary["attempt_classified"] == len(items) - 4
+    assert summary["classified"] == len(items)  # the result covers every stored item, both attempts
     assert set(ctx.predictions) == {it["id"] for it in items}
     assert all(ctx.predictions[k] == v for k, v in first.items())
     progress = [e for e in ctx.events if e["message"] == "classified"]
@@ -387,9 +388,15 @@ def test_merged_adapter_scores_as_peft_runs_the_unmerged_lora(tiny_model_dir, tm
 
 @pytest.mark.smollm2
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_real_smollm2_merged_adapter_predicts_as_unmerged_lora_on_400_articles(smollm2_dir, ag_news_dir, tmp_path):
-    """A LoRA of the presets' shape (r 16, alpha 32, all linear layers), bf16 as classify runs by default:
-    the merged fast path's labels equal PEFT's unmerged LoRA's on 400 AG News test articles."""
+    """A LoRA of the presets' shape (r 16, alpha 32, all linear layers): the merged fast path's labels equal
+    PEFT's unmerged LoRA's on 400 AG News test articles, probabilities within 1e-2.
+
+    In fp32: in bf16 two correct implementations already differ by bf16's rounding (merged vs unmerged, both
+    through the Hugging Face forward: 95 of 96 labels equal, probabilities up to 0.06 apart), which would hide
+    a real difference in the merge.
+    """
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
     from workers.modeling.forward import prefix_kv
@@ -398,14 +405,14 @@ def test_real_smollm2_merged_adapter_predicts_as_unmerged_lora_on_400_articles(s
         rows = [r for _, r in zip(range(400), csv.reader(f))]
     items = [{"id": f"t{n}", "text": f"{t} {d}".replace("\\", " ").strip(), "label": LABELS[int(c) - 1]}
              for n, (c, t, d) in enumerate(rows)]
-    engine = InferenceEngine(str(smollm2_dir), dtype="bf16", device="cpu")
-    _, ctx = _classify(engine, items, adapter=AdapterRef(1, path), model_ref="smollm2-135m", batch_size=32)
+    engine = InferenceEngine(str(smollm2_dir), dtype="fp32", device="cpu")
+    summary, ctx = _classify(engine, items, adapter=AdapterRef(1, path), model_ref="smollm2-135m", batch_size=32)
     fast = torch.tensor([[ctx.predictions[it["id"]]["probs"][k] for k in LABELS] for it in items])
-    _, bctx = _classify(engine, items, model_ref="smollm2-135m", batch_size=32)
-    base = torch.tensor([[bctx.predictions[it["id"]]["probs"][k] for k in LABELS] for it in items])
+    _, bctx = _classify(engine, items[:32], model_ref="smollm2-135m", batch_size=32)
+    base = torch.tensor([[bctx.predictions[it["id"]]["probs"][k] for k in LABELS] for it in items[:32]])
 
-    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.bfloat16),
-                                     str(path)).to(torch.bfloat16).eval()  # the LoRA matmuls on every token
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32),
+                                     str(path)).eval()  # the LoRA matmuls on every token
     plan = PromptCodec.build(engine.tokenizer, instruction=INSTRUCTION, template="alpaca", label_names=LABELS)
     enc = plan.bodies([it["text"] for it in items], max_article_tokens=engine.max_positions)
     kv = prefix_kv(peft, plan.prefix_ids)
@@ -414,6 +421,8 @@ def test_real_smollm2_merged_adapter_predicts_as_unmerged_lora_on_400_articles(s
     for b in range(0, len(order), 32):
         idx = order[b:b + 32]
         slow[idx] = torch.softmax(score_labels(peft, plan, [enc[i].ids for i in idx], kv), -1)
-    assert torch.equal(fast.argmax(-1), slow.argmax(-1))  # every label equal
+    assert torch.equal(fast.argmax(-1), slow.argmax(-1))  # every label equal, so accuracy too
     assert (fast - slow).abs().max() < 1e-2
-    assert (fast.argmax(-1) != base.argmax(-1)).sum() > 0  # the adapter changes some predictions
+    assert summary["accuracy"] == pytest.approx(
+        sum(LABELS[int(j)] == it["label"] for j, it in zip(slow.argmax(-1), items)) / len(items))
+    assert (base - fast[:32]).abs().max() > 0.05  # the adapter matters

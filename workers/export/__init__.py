@@ -20,6 +20,7 @@ import uuid
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+from core.atomic import atomic_dir
 from core.contracts.base import ArtifactFile
 from workers.context import JobContext
 from workers.specs.export import ExportSpec
@@ -108,54 +109,53 @@ def export_adapter(spec: ExportSpec, adapter, out_dir: Path, ctx: JobContext, *,
                               label_names=label_names, instruction=meta.instruction or "",
                               template=meta.template, code_version=code_version())
 
-    out_dir = Path(out_dir)
-    if out_dir.exists():  # a re-delivered job whose export was never registered
-        shutil.rmtree(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir(parents=True)
     scratch = Path(ctx.work_dir) / f"export-verify-{uuid.uuid4().hex[:8]}"
     try:
-        ctx.event(f"exporting adapter {adapter.adapter_id} as {spec.format}"
-                  + (f" ({spec.quant})" if spec.quant else ""))
-        if spec.format == "peft":
-            _write_peft(adapter.path, tmp)
-            manifest.verification = _check_peft(tmp, base_dir) if spec.verify else None
-        else:
-            model, tokenizer = _merged(adapter.path, base_dir)
-            ctx.check_cancel()
-            if spec.format == "merged":
-                _write_merged(model, tokenizer, base_dir, tmp)
-                reload_dir, how = tmp, "transformers"
-            else:
-                gguf_name = _write_gguf(model, tokenizer, base_dir, tmp, spec, manifest)
-                reload_dir, how = None, f"transformers gguf_file= ({spec.quant})"
-            del model
-            ctx.check_cancel()
-            if spec.verify:
-                if reload_dir is None:
-                    from workers.export.verify import reload_gguf_as_checkpoint
-                    reload_dir = reload_gguf_as_checkpoint(tmp, gguf_name, scratch / "reloaded")
-                manifest.verification = _verify(spec, reload_dir, how, adapter, meta, dataset_dir, ctx)
-        manifest.files = _file_table(tmp)
-        manifest.save(tmp)
-        tmp.rename(out_dir)
+        with atomic_dir(Path(out_dir)) as tmp:  # a re-delivered job's unregistered leftover is replaced
+            ctx.event(f"exporting adapter {adapter.adapter_id} as {spec.format}"
+                      + (f" ({spec.quant})" if spec.quant else ""))
+            manifest.verification = _write_and_check(spec, adapter, meta, base_dir, tmp, scratch, manifest,
+                                                     dataset_dir, ctx)
+            manifest.files = _file_table(tmp)
+            manifest.save(tmp)
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
         if e.errno == errno.ENOSPC:
             raise ExportError(f"the disk filled up while writing the export (nothing was kept): free space under "
-                              f"{out_dir.parent} and run the export again") from e
-        raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+                              f"{Path(out_dir).parent} and run the export again") from e
         raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     digest = hashlib.sha256(json.dumps(manifest.files, sort_keys=True).encode()).hexdigest()[:32]
-    return {"path": str(out_dir), "format": spec.format, "quant": spec.quant, "files": manifest.files,
+    return {"path": str(Path(out_dir)), "format": spec.format, "quant": spec.quant, "files": manifest.files,
             "hash": digest, "verification": manifest.verification, "manifest": manifest.model_dump(mode="json")}
 
 
 # ---------------------------------------------------------------- formats
+
+def _write_and_check(spec: ExportSpec, adapter, meta, base_dir: Path, tmp: Path, scratch: Path,
+                     manifest: ExportManifest, dataset_dir: Path | None, ctx: JobContext) -> dict[str, Any] | None:
+    """Write the export's files into `tmp`; return what reloading them showed (None: spec.verify off)."""
+    if spec.format == "peft":
+        _write_peft(adapter.path, tmp)
+        return _check_peft(tmp, base_dir) if spec.verify else None
+    model, tokenizer = _merged(adapter.path, base_dir)
+    ctx.check_cancel()
+    if spec.format == "merged":
+        _write_merged(model, tokenizer, base_dir, tmp)
+        reload_dir, how = tmp, "transformers"
+    else:
+        gguf_name = _write_gguf(model, tokenizer, base_dir, tmp, spec, manifest)
+        reload_dir, how = None, f"transformers gguf_file= ({spec.quant})"
+    del model
+    ctx.check_cancel()
+    if not spec.verify:
+        return None
+    if reload_dir is None:
+        from workers.export.verify import reload_gguf_as_checkpoint
+        reload_dir = reload_gguf_as_checkpoint(tmp, gguf_name, scratch / "reloaded")
+    return _verify(spec, reload_dir, how, adapter, meta, dataset_dir, ctx)
+
+
 
 def _check_gguf_base(base_dir: Path) -> None:
     from transformers import AutoConfig

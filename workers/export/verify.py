@@ -5,12 +5,13 @@ engine, as classify jobs run it); the export must give the same label on nearly 
 """
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from workers.context import JobContext
+from workers.context import JobContext, LocalContext
 from workers.infer import AdapterRef, InferenceEngine, classify_items, get_engine
 from workers.specs.classify import ClassifySpec
 
@@ -40,13 +41,13 @@ class Verification:
                 f"(needs {self.min_agreement:.0%}){acc}")
 
 
-class _Collected:
-    """The job's context for events, progress and cancel; predictions kept here, not in the job's rows."""
+class _Collected(LocalContext):
+    """Predictions kept in memory (never in the export job's own prediction rows); events, progress and
+    cancel go to the job's context."""
 
     def __init__(self, ctx: JobContext, what: str):
+        super().__init__(work_dir=Path(ctx.work_dir), job_id=ctx.job_id)
         self._ctx, self._what = ctx, what
-        self.job_id, self.work_dir = ctx.job_id, ctx.work_dir
-        self.rows: dict[str, dict[str, Any]] = {}
 
     def event(self, message: str, *, level: str = "info", metrics: dict[str, Any] | None = None) -> None:
         self._ctx.event(f"verify ({self._what}): {message}", level=level, metrics=metrics)
@@ -57,14 +58,6 @@ class _Collected:
     def check_cancel(self) -> None:
         self._ctx.check_cancel()
 
-    def save_predictions(self, rows: Sequence[Any]) -> None:
-        for r in rows:  # PredictionRow contracts (or plain dicts)
-            row = r.model_dump() if hasattr(r, "model_dump") else dict(r)
-            self.rows[str(row["item_id"])] = row
-
-    def done_item_ids(self) -> set[str]:
-        return set()
-
 
 def _classify(engine: InferenceEngine, items: list[dict], *, adapter: AdapterRef | None, model_ref: str,
               label_names: list[str], instruction: str, template: str, spec: ClassifySpec, ctx: JobContext,
@@ -72,7 +65,21 @@ def _classify(engine: InferenceEngine, items: list[dict], *, adapter: AdapterRef
     collected = _Collected(ctx, what)
     summary = classify_items(items, engine=engine, model_ref=model_ref, adapter=adapter, label_names=label_names,
                              instruction=instruction, template=template, spec=spec, ctx=collected)
-    return {iid: r["label"] for iid, r in collected.rows.items()}, summary
+    return {iid: r["label"] for iid, r in collected.predictions.items()}, summary
+
+
+# The adapter path's labels for the last sample checked (per process), keyed by everything they depend on.
+_REFERENCE: dict[tuple, tuple[dict[str, str | None], dict[str, Any]]] = {}
+
+
+def _reference_key(adapter: AdapterRef, base_model: str, items: list[dict], label_names: list[str],
+                   instruction: str, template: str, dtype: str, device: str) -> tuple:
+    import hashlib
+    weights = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in Path(adapter.path).iterdir()
+                     if f.is_file())
+    sample = hashlib.sha256(json.dumps([[it["id"], it["text"]] for it in items]).encode()).hexdigest()
+    return (str(adapter.path), tuple(weights), base_model, sample, tuple(label_names), instruction, template,
+            dtype, device)
 
 
 def compare_to_adapter(export_model_dir: Path, items: list[dict], *, adapter: AdapterRef, base_model: str,
@@ -88,10 +95,19 @@ def compare_to_adapter(export_model_dir: Path, items: list[dict], *, adapter: Ad
     """
     import time
     start = time.perf_counter()
+    # classify_items takes its mode and batching from the spec; the items are passed to it directly.
     spec = ClassifySpec(dataset_id=1, mode="score", batch_size=batch_size, dtype=dtype, device=device)
-    ref_engine = get_engine(base_model, dtype=dtype, device=device)
-    ref, ref_summary = _classify(ref_engine, items, adapter=adapter, model_ref=base_model, label_names=label_names,
-                                 instruction=instruction, template=template, spec=spec, ctx=ctx, what="adapter")
+    key = _reference_key(adapter, base_model, items, label_names, instruction, template, dtype, device)
+    if key in _REFERENCE:  # exporting one adapter in several formats: its own labels are computed once
+        ref, ref_summary = _REFERENCE[key]
+        ctx.event(f"verify (adapter): reusing the adapter's labels on these {len(items)} articles")
+    else:
+        ref_engine = get_engine(base_model, dtype=dtype, device=device)
+        ref, ref_summary = _classify(ref_engine, items, adapter=adapter, model_ref=base_model,
+                                     label_names=label_names, instruction=instruction, template=template, spec=spec,
+                                     ctx=ctx, what="adapter")
+        _REFERENCE.clear()
+        _REFERENCE[key] = (ref, ref_summary)
     engine = InferenceEngine(str(export_model_dir), dtype=dtype, device=device)  # not cached: used once
     try:
         got, got_summary = _classify(engine, items, adapter=None, model_ref=str(export_model_dir),

@@ -65,7 +65,7 @@ _UNSUPPORTED_LORA = {"use_dora": "DoRA", "modules_to_save": "modules_to_save", "
                      "trainable_token_indices": "trainable tokens"}
 
 
-def merged_lora_weights(model: Any, path: Path) -> dict[str, torch.Tensor]:
+def merged_lora_weights(model: Any, path: Path) -> dict[str, torch.nn.Parameter]:
     """The weights a LoRA adapter changes, merged: {module name: W + scale * B @ A}, in W's dtype and device.
 
     The sum is computed in fp32 and rounded once. `scale` is lora_alpha / r (lora_alpha / sqrt(r) with
@@ -114,7 +114,8 @@ def merged_lora_weights(model: Any, path: Path) -> dict[str, torch.Tensor]:
             raise AdapterError(f"{path}: {module}'s LoRA delta has shape {tuple(delta.shape)}, the base's weight "
                                f"{tuple(w.shape)}; it was trained for another base model")
         with torch.no_grad():
-            out[module] = (w.detach().float() + delta.to(w.device)).to(w.dtype)
+            out[module] = torch.nn.Parameter((w.detach().float() + delta.to(w.device)).to(w.dtype),
+                                             requires_grad=False)
     if not out:
         raise AdapterError(f"{path}: the adapter holds no LoRA weights")
     return out
@@ -135,7 +136,7 @@ class _Merged:
     """A loaded adapter: its metadata and its merged copy of the weights it changes."""
 
     meta: AdapterMeta
-    weights: dict[str, torch.Tensor]
+    weights: dict[str, torch.nn.Parameter]
 
 
 class InferenceEngine:
@@ -223,7 +224,7 @@ class InferenceEngine:
             base = {m: mod.weight for m, mod in modules.items()}
             try:
                 for m, mod in modules.items():  # (out, in) tensors swapped in, the base's kept aside
-                    mod.weight = torch.nn.Parameter(self._adapters[name].weights[m], requires_grad=False)
+                    mod.weight = self._adapters[name].weights[m]
                 yield name
             finally:
                 for m, mod in modules.items():

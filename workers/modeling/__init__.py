@@ -12,4 +12,6 @@ a shared prefix run and a response cut the same way everywhere:
   and the shared-prefix forward used for the training loss.
 - `scoring`: label log-likelihoods after each prompt in one forward pass over the shared prefix's cache.
 - `generation`: free generation with one set of stop rules, and the exact-one-label parser.
+- `next_token`: the next-token distribution over given candidate tokens after prompts (the local
+  judge's probability-weighted scores).
 """

@@ -6,9 +6,11 @@ injected in place, so the decoder found through `get_base_model()` runs the acti
 from __future__ import annotations
 
 import inspect
+import weakref
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 
 def base_of(model: Any) -> Any:
@@ -77,3 +79,121 @@ def shared_prefix_hidden(model: Any, prefix_ids: torch.Tensor, input_ids: torch.
     rows = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                    use_cache=True, **{cache_kwarg(decoder): cache})
     return out.last_hidden_state, rows.last_hidden_state, cache
+
+
+# ---------------------------------------------------------------- the lean CPU forward of score mode
+
+class _Packed:
+    """One layer stack's weights packed for the lean forward: per layer q|k|v (rows stacked) and gate|up.
+
+    Built from the weights the modules hold now and kept while they are the same tensors, unmodified
+    (weak references and version counters are checked on every use): an engine swapping an adapter's
+    merged weights in gets that adapter's packing.
+    """
+
+    def __init__(self, decoder: Any):
+        self.refs = [weakref.ref(w) for w in _packable(decoder)]
+        self.versions = [w._version for w in _packable(decoder)]
+        with torch.no_grad():
+            self.qkv = [torch.cat([lay.self_attn.q_proj.weight, lay.self_attn.k_proj.weight,
+                                   lay.self_attn.v_proj.weight]).detach() for lay in decoder.layers]
+            self.gate_up = [torch.cat([lay.mlp.gate_proj.weight, lay.mlp.up_proj.weight]).detach()
+                            for lay in decoder.layers]
+
+    def current(self, decoder: Any) -> bool:
+        ws = _packable(decoder)
+        return len(ws) == len(self.refs) and all(r() is w and w._version == v
+                                                 for r, w, v in zip(self.refs, ws, self.versions))
+
+
+_PACKS_KEPT = 2  # the base's and one adapter's: a worker alternating between them repacks nothing
+
+
+def _packed_for(decoder: Any) -> _Packed:
+    packs: list[_Packed] = decoder.__dict__.setdefault("_newslora_packs", [])
+    for i, p in enumerate(packs):
+        if p.current(decoder):
+            packs.append(packs.pop(i))  # most recently used last
+            return p
+    packs.append(_Packed(decoder))
+    del packs[:-_PACKS_KEPT]
+    return packs[-1]
+
+
+def _packable(decoder: Any) -> list[torch.Tensor]:
+    return [m.weight for lay in decoder.layers for m in (lay.self_attn.q_proj, lay.self_attn.k_proj,
+                                                         lay.self_attn.v_proj, lay.mlp.gate_proj, lay.mlp.up_proj)]
+
+
+def lean_forward_ok(decoder: Any) -> bool:
+    """Whether `lean_forward` computes exactly what this decoder computes: a plain Llama stack on the CPU (no
+    PEFT layers, no biases, SiLU MLP, RMSNorm); anything else runs the Hugging Face forward."""
+    cfg = getattr(decoder, "config", None)
+    layers = getattr(decoder, "layers", None)
+    if cfg is None or layers is None or getattr(cfg, "model_type", None) != "llama" \
+            or not hasattr(decoder, "rotary_emb") or getattr(cfg, "hidden_act", None) != "silu" \
+            or getattr(cfg, "pretraining_tp", 1) not in (None, 1) or decoder.embed_tokens.weight.device.type != "cpu":
+        return False
+    for lay in layers:
+        a, m = lay.self_attn, lay.mlp
+        linears = (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj)
+        if any(type(x) is not torch.nn.Linear or x.bias is not None for x in linears) or any(
+                type(n).__name__ != "LlamaRMSNorm" for n in (lay.input_layernorm, lay.post_attention_layernorm)):
+            return False
+    return True
+
+
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """LlamaRMSNorm exactly: normalised in fp32, rounded to the input's dtype, then scaled."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def lean_forward(decoder: Any, ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor,
+                 prefix_kv: tuple | None) -> torch.Tensor:
+    """The decoder's last hidden states for score mode, with fewer and larger kernels than its own forward.
+
+    The same arithmetic as the Hugging Face Llama forward (RMSNorm in fp32, RoPE, SDPA with the given
+    mask, SiLU MLP) with q/k/v and gate/up each one matmul on packed weights, RoPE applied to q and k in
+    one pass, residual adds in place, and the prefix's keys/values joined per layer without a cache
+    object. Check `lean_forward_ok(decoder)` first.
+
+    Args:
+        ids: (B, Q) token ids; position_ids: (B, Q); mask: (B, 1, Q, P + Q) bool, True where a query sees a key;
+        prefix_kv: per layer (keys, values), each (1, kv_heads, P, head_dim), or None (P = 0).
+
+    Returns:
+        (B, Q, H) hidden states after the final norm.
+    """
+    cfg = decoder.config
+    packed = _packed_for(decoder)
+    nh, kvh = cfg.num_attention_heads, cfg.num_key_value_heads
+    eps = cfg.rms_norm_eps
+    x = decoder.embed_tokens(ids)  # (B, Q, H)
+    B, Q, H = x.shape
+    d = getattr(cfg, "head_dim", None) or H // nh
+    cos, sin = decoder.rotary_emb(x, position_ids)  # (B, Q, d)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, Q, d)
+    for li, lay in enumerate(decoder.layers):
+        attn = lay.self_attn
+        h = _rms(x, lay.input_layernorm.weight, eps)
+        qkv = F.linear(h, packed.qkv[li]).view(B, Q, nh + 2 * kvh, d).transpose(1, 2)  # (B, heads, Q, d)
+        qk = qkv[:, :nh + kvh]
+        qk = qk * cos + _rotate_half(qk) * sin
+        q, k, v = qk[:, :nh], qk[:, nh:], qkv[:, nh + kvh:]
+        if prefix_kv is not None:
+            pk, pv = prefix_kv[li]
+            k = torch.cat([pk.expand(B, -1, -1, -1), k], dim=2)  # (B, kv_heads, P + Q, d)
+            v = torch.cat([pv.expand(B, -1, -1, -1), v], dim=2)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling, enable_gqa=nh != kvh)
+        x = x + attn.o_proj(o.transpose(1, 2).reshape(B, Q, nh * d))
+        h = _rms(x, lay.post_attention_layernorm.weight, eps)
+        gate, up = F.linear(h, packed.gate_up[li]).chunk(2, dim=-1)  # (B, Q, I) each
+        x = x + lay.mlp.down_proj(F.silu(gate) * up)
+    return _rms(x, decoder.norm.weight, eps)

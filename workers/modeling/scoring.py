@@ -13,7 +13,8 @@ from typing import Any, Sequence
 import torch
 
 from workers.modeling.codec import PromptCodec
-from workers.modeling.forward import cache_kwarg, decoder_of, expanded_cache, lm_head_of
+from workers.modeling.forward import (cache_kwarg, decoder_of, expanded_cache, lean_forward,
+                                     lean_forward_ok, lm_head_of)
 
 
 def score_labels(model: Any, codec: PromptCodec, seqs: Sequence[Sequence[int]], prefix_kv: tuple | None, *,
@@ -73,10 +74,13 @@ def score_labels(model: Any, codec: PromptCodec, seqs: Sequence[Sequence[int]], 
         mask = torch.cat([torch.ones(B, Q, P, dtype=torch.bool, device=device), mask], dim=2)  # (B, Q, P+Q)
     mask = mask.unsqueeze(1)  # (B, 1, Q, P+Q)
 
-    kwargs = {cache_kwarg(decoder): expanded_cache(prefix_kv, B)}
     with torch.inference_mode():
-        hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=P > 0,
-                         **kwargs).last_hidden_state  # (B, Q, H)
+        if lean_forward_ok(decoder):  # a plain Llama on the CPU: the same arithmetic in fewer, larger kernels
+            hidden = lean_forward(decoder, ids, pos, mask, prefix_kv)  # (B, Q, H)
+        else:
+            kwargs = {cache_kwarg(decoder): expanded_cache(prefix_kv, B)}
+            hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=P > 0,
+                             **kwargs).last_hidden_state  # (B, Q, H)
         needed = hidden[:, S - 1:]  # (B, 1 + Bt, H): last prompt token, then the branch tokens
         logp = torch.log_softmax(head(needed).float(), dim=-1)  # (B, 1 + Bt, V)
         terms = logp[:, torch.tensor(codec.term_pos, device=device),

@@ -46,7 +46,10 @@ class TrainSpec(Spec):
     eval_every: int = Field(default=100, ge=1, description="validation loss/accuracy every N optimizer steps")
     val_samples: int = Field(default=128, ge=1, description="validation records used for val loss/accuracy")
     save_every: int = Field(default=100, ge=1, description="checkpoint every N optimizer steps")
-    early_stopping_patience: int | None = Field(default=None, ge=1, description="evals without val-loss gain")
+    early_stopping_patience: int | None = Field(default=None, ge=1,
+                                                description="validations without a gain in early_stopping_metric")
+    early_stopping_metric: Literal["val_loss", "val_accuracy"] = Field(
+        default="val_loss", description="what early stopping watches: validation loss (down) or accuracy (up)")
     wandb: bool = False
     reuse: bool = Field(default=False, description="pipelines: reuse an adapter trained with the same spec")
 

@@ -90,6 +90,7 @@ class PeftLoraTrainer:
         self.tokens_seen = 0
         self.train_seconds = 0.0  # summed over resumed sessions
         self.best_val_loss = math.inf
+        self.best_watched = math.inf  # the early-stopping metric's best, as a loss (see _validate)
         self.bad_evals = 0
         self.last_saved_step = -1
         self.last_eval_step = -1
@@ -253,6 +254,7 @@ class PeftLoraTrainer:
         self.step = self.last_saved_step = self.resumed_from_step = state["step"]
         self.tokens_seen, self.train_seconds = state["tokens_seen"], state["train_seconds"]
         self.best_val_loss, self.bad_evals = state["best_val_loss"], state["bad_evals"]
+        self.best_watched = state.get("best_watched", self.best_val_loss)
         self.history, self.stop_reason = state["history"], state["stop_reason"]
         self.last_eval_step = self.history[-1]["step"] if self.history else -1
         self.recent_losses.extend(state["recent_losses"])
@@ -396,14 +398,18 @@ class PeftLoraTrainer:
         self.last_eval_step = self.step
         self._append_metrics(MetricsRow(type="eval", **row))
         self.ctx.event(f"eval at step {self.step}: val_loss {val_loss:.4f}, val_accuracy {accuracy:.3f}", metrics=row)
-        if val_loss < self.best_val_loss - 1e-4:
-            self.best_val_loss, self.bad_evals = val_loss, 0
+        self.best_val_loss = min(self.best_val_loss, val_loss)
+        # Early stopping watches one metric, as a loss (lower is better): val_loss, or 1 - val_accuracy.
+        watched = val_loss if self.spec.early_stopping_metric == "val_loss" else 1.0 - accuracy
+        if watched < self.best_watched - 1e-4:
+            self.best_watched, self.bad_evals = watched, 0
         else:
             self.bad_evals += 1
             patience = self.spec.early_stopping_patience
             if patience and self.bad_evals >= patience and self.step < self.total_steps:
                 self.stop_reason = "early_stopping"
-                self.ctx.event(f"early stopping at step {self.step}: no val-loss gain in {patience} evals",
+                what = "val-loss" if self.spec.early_stopping_metric == "val_loss" else "val-accuracy"
+                self.ctx.event(f"early stopping at step {self.step}: no {what} gain in {patience} evals",
                                metrics={"step": self.step})
 
     @torch.no_grad()
@@ -453,7 +459,8 @@ class PeftLoraTrainer:
         state = {"step": self.step, "micro_batch": self.step * self.spec.grad_accum,
                  "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "rng": rng_states(), "tokens_seen": self.tokens_seen, "train_seconds": self.train_seconds,
-                 "best_val_loss": self.best_val_loss, "bad_evals": self.bad_evals, "history": self.history,
+                 "best_val_loss": self.best_val_loss, "best_watched": self.best_watched,
+                 "bad_evals": self.bad_evals, "history": self.history,
                  "stop_reason": self.stop_reason, "recent_losses": list(self.recent_losses),
                  "fingerprint": self._fingerprint()}
         save_checkpoint(self.out_dir, self.step, model=self.model, state=state, spec_json=self._adapter_meta().model_dump(mode="json"))
