@@ -321,3 +321,20 @@ def make_dataset_meta(*, label_names: list[str], template: str = "alpaca", instr
                        sources={}, label_names=list(label_names),
                        label_map={n: i for i, n in enumerate(label_names)}, template=template,
                        instruction=instruction, counts={}, spec={})
+
+
+# ---------------------------------------------------------------- the CLI on the embedded default
+
+def embedded_env(home: Path) -> dict[str, str]:
+    """The environment of a newcomer's shell: no service URLs, its own NEWSLORA_HOME and API port."""
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "BROKER_URL", "NEWSLORA_API_URL")}
+    env.update(NEWSLORA_HOME=str(home), NEWSLORA_API_PORT=str(free_port()), PYTHONUNBUFFERED="1")
+    return env
+
+
+def newslora_cli(env: dict[str, str], *args: str, timeout: float = 120):
+    """Run `newslora ARGS` as a user would, from the repository."""
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-m", "api_client.cli", *args], env=env, cwd=REPO, timeout=timeout,
+                          capture_output=True, text=True)

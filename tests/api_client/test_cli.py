@@ -3,27 +3,21 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 
 import pytest
 
-from tests.conftest import AG_NEWS_DIR, REPO, free_port
+from tests.conftest import AG_NEWS_DIR, embedded_env, free_port, newslora_cli
 
 
 @pytest.fixture
 def cli_env(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "BROKER_URL", "NEWSLORA_API_URL")}
-    env.update(NEWSLORA_HOME=str(tmp_path / "home"), NEWSLORA_API_PORT=str(free_port()), PYTHONUNBUFFERED="1")
+    env = embedded_env(tmp_path / "home")
     yield env
-    subprocess.run([sys.executable, "-m", "api_client.cli", "down"], env=env, cwd=REPO, timeout=60,
-                   capture_output=True)
+    newslora(env, "down", timeout=60)
 
 
-def newslora(env, *args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "api_client.cli", *args], env=env, cwd=REPO, timeout=timeout,
-                          capture_output=True, text=True)
+newslora = newslora_cli
 
 
 def test_demo_starts_the_embedded_stack_and_a_second_terminal_sees_and_cancels(cli_env):

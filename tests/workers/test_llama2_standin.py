@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import AG_NEWS_DIR, REPO, free_port
+from tests.conftest import AG_NEWS_DIR, embedded_env, newslora_cli
 
 LABELS = ["World", "Sports", "Business", "Sci/Tech"]
 
@@ -184,17 +182,13 @@ def _seconds_overrides(model_dir: Path, backend: str) -> list[str]:
 def standin_cli(tmp_path_factory):
     """An embedded newslora (SQLite, embedded broker, API and a worker under its own NEWSLORA_HOME),
     shared by both backends' runs so the second one reuses the prepared dataset."""
-    home = tmp_path_factory.mktemp("standin-cli") / "home"
-    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "BROKER_URL", "NEWSLORA_API_URL")}
-    env.update(NEWSLORA_HOME=str(home), NEWSLORA_API_PORT=str(free_port()), PYTHONUNBUFFERED="1")
+    env = embedded_env(tmp_path_factory.mktemp("standin-cli") / "home")
     yield env
-    subprocess.run([sys.executable, "-m", "api_client.cli", "down"], env=env, cwd=REPO, timeout=60,
-                   capture_output=True)
+    newslora_cli(env, "down", timeout=60)
 
 
 def _newslora(env, *args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "api_client.cli", *args], env=env, cwd=REPO, timeout=timeout,
-                          capture_output=True, text=True)
+    return newslora_cli(env, *args, timeout=timeout)
 
 
 @pytest.mark.slow

@@ -356,8 +356,9 @@ def test_validation_predictions_equal_a_classify_job_item_by_item(tiny_model_dir
     by_id = {r["id"]: r for r in trainer.data.validation}
     items = [{"id": e.id, "text": by_id[e.id]["input"], "label": by_id[e.id]["output"]} for e in trainer.val_examples]
     ctx = LocalContext(work_dir=tmp_path)
+    # An adapter id no other test uses: engines are cached per process, and so are their merged adapters.
     summary = classify_items(items, engine=get_engine(str(tiny_model_dir), dtype="fp32", device="cpu"),
-                             model_ref=str(tiny_model_dir), adapter=AdapterRef(1, Path(result["adapter_dir"])),
+                             model_ref=str(tiny_model_dir), adapter=AdapterRef(9101, Path(result["adapter_dir"])),
                              label_names=LABELS, instruction=default_instruction(LABELS), template="alpaca",
                              spec=ClassifySpec(items=items, model=str(tiny_model_dir), dtype="fp32", device="cpu",
                                                batch_size=5), ctx=ctx)

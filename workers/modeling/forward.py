@@ -51,6 +51,23 @@ def prefix_kv(model: Any, prefix_ids: list[int]) -> tuple:
     return tuple((layer.keys, layer.values) for layer in returned_cache(out).layers)
 
 
+def left_padded(seqs, tail: list[int], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Rows left-padded so every sequence's last token sits in column S-1, then `tail` (the same tokens for
+    every row: label branches, a score-token tree) in columns S.. .
+
+    Returns:
+        (ids (B, S + len(tail)) on `device`, lengths (B,) on `device`, S).
+    """
+    lens = torch.tensor([len(s) for s in seqs], device=device)  # (B,)
+    S = int(lens.max())
+    ids = torch.full((len(seqs), S + len(tail)), pad_id, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, S - len(s):S] = torch.tensor(list(s), dtype=torch.long)
+    if tail:
+        ids[:, S:] = torch.tensor(tail, dtype=torch.long)
+    return ids.to(device), lens, S
+
+
 def expanded_cache(kv: tuple | None, batch: int):
     """A DynamicCache holding a prefix's KV expanded to `batch` rows (None without a prefix)."""
     from transformers import DynamicCache

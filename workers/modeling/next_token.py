@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import torch
 
-from workers.modeling.forward import cache_kwarg, decoder_of, expanded_cache, lm_head_of
+from workers.modeling.forward import cache_kwarg, decoder_of, expanded_cache, left_padded, lm_head_of
 
 
 def _token_tree(continuations: Sequence[Sequence[int]]) -> tuple[list[int], list[int], list[int], list[int]]:
@@ -76,16 +76,9 @@ def next_token_probs(model: Any, prompts: Sequence[Sequence[int]], continuations
     B, P = len(prompts), (prefix_len if prefix_kv is not None else 0)
     tree_tok, tree_parent, tree_depth, ends = _token_tree(continuations)
     T = len(tree_tok)
-    lens = torch.tensor([len(p) for p in prompts], device=device)  # (B,)
-    S = int(lens.max())
-    Q = S + T
     # Left padding puts every prompt's last token in column S-1; the tree's nodes follow in S..Q-1.
-    ids = torch.full((B, Q), pad_id, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, S - len(p):S] = torch.tensor(list(p), dtype=torch.long)
-    if T:
-        ids[:, S:] = torch.tensor(tree_tok, dtype=torch.long)
-    ids = ids.to(device)
+    ids, lens, S = left_padded(prompts, list(tree_tok), pad_id, device)
+    Q = S + T
 
     col = torch.arange(Q, device=device)
     pad = (S - lens).unsqueeze(1)  # (B, 1) pad columns per row

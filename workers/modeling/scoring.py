@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import torch
 
 from workers.modeling.codec import PromptCodec
-from workers.modeling.forward import (cache_kwarg, decoder_of, expanded_cache, lean_forward,
+from workers.modeling.forward import (cache_kwarg, decoder_of, expanded_cache, lean_forward, left_padded,
                                      lean_forward_ok, lm_head_of)
 
 
@@ -36,17 +36,10 @@ def score_labels(model: Any, codec: PromptCodec, seqs: Sequence[Sequence[int]], 
     B = len(seqs)
     P = len(codec.prefix_ids) if prefix_kv is not None else 0
     Bt = codec.branch_len
-    lens = torch.tensor([len(s) for s in seqs], device=device)  # (B,)
-    S = int(lens.max())
-    Q = S + Bt
     # Rows are left-padded so that every item's last prompt token sits in column S-1 and the
     # label branches (identical for all items) in columns S..Q-1.
-    ids = torch.full((B, Q), pad_id, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, S - len(s):S] = torch.tensor(list(s), dtype=torch.long)
-    if Bt:
-        ids[:, S:] = torch.tensor([t for lab in codec.label_ids for t in lab[:-1]], dtype=torch.long)
-    ids = ids.to(device)
+    ids, lens, S = left_padded(seqs, [t for lab in codec.label_ids for t in lab[:-1]], pad_id, device)
+    Q = S + Bt
 
     col = torch.arange(Q, device=device)
     pad = (S - lens).unsqueeze(1)  # (B, 1) number of pad columns per row
