@@ -101,14 +101,6 @@ def _run_classify(job: Job, spec, ctx: StoreContext) -> dict[str, Any]:
                         shard=lambda n: split(job.id, spec, n)).model_dump(mode="json")
 
 
-def _adapter_meta(adapter_id: int | None) -> tuple[Path | None, dict[str, Any]]:
-    if adapter_id is None:
-        return None, {}
-    from workers.infer import read_adapter_meta
-    path = Path(_adapter(adapter_id).path)
-    return path, read_adapter_meta(path).model_dump(mode="json")
-
-
 class _StoreJudgeInputs:
     """What a judge job reads from the store (`workers.judge.JudgeInputs`)."""
 
@@ -129,8 +121,9 @@ class _StoreJudgeInputs:
                            records=records, model=cspec.get("model"), adapter_id=cspec.get("adapter_id"))
 
     def adapter(self, adapter_id: int) -> tuple[Path, str]:
-        path, meta = _adapter_meta(adapter_id)
-        return path, meta.get("template") or "alpaca"
+        from workers.infer import read_adapter_meta
+        path = Path(_adapter(adapter_id).path)
+        return path, read_adapter_meta(path).template  # required by the adapter's contract
 
 
 def _run_judge(job: Job, spec, ctx: StoreContext) -> dict[str, Any]:

@@ -70,17 +70,18 @@ class PipelineSpec(Spec):
         return {**self.train.model_dump(mode="json"), "model": self.model, "dataset_id": dataset_id}
 
     def score_spec(self, dataset_id: int, adapter_id: int | None = None) -> dict[str, Any]:
-        spec = {**self.classify.model_dump(mode="json"), "model": self.model, "split": "test", "mode": "score",
-                "dataset_id": dataset_id}
-        if self.eval_limit:
-            spec["limit"] = self.eval_limit
-        return _with_adapter(spec, adapter_id)
+        return self._classify_spec(self.classify, "score", self.eval_limit, dataset_id, adapter_id)
 
     def generate_spec(self, dataset_id: int, adapter_id: int | None = None) -> dict[str, Any]:
-        spec = {**self.generate.model_dump(mode="json"), "model": self.model, "split": "test", "mode": "generate",
+        return self._classify_spec(self.generate, "generate", self.generate_limit, dataset_id, adapter_id)
+
+    def _classify_spec(self, stage: Spec, mode: str, limit: int | None, dataset_id: int,
+                       adapter_id: int | None) -> dict[str, Any]:
+        """A classify child on the dataset's test split (at most `limit` items when set and non-zero)."""
+        spec = {**stage.model_dump(mode="json"), "model": self.model, "split": "test", "mode": mode,
                 "dataset_id": dataset_id}
-        if self.generate_limit:
-            spec["limit"] = self.generate_limit
+        if limit:
+            spec["limit"] = limit
         return _with_adapter(spec, adapter_id)
 
     def judge_spec(self, classify_job_id: int) -> dict[str, Any]:
