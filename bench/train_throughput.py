@@ -18,6 +18,8 @@ startup_s). Each in-process backend also takes one untimed warm-up step before t
 - newslora: the `PeftLoraTrainer` steps that `workers.train.train_adapter` runs (bf16 frozen base where
   the CPU has AVX512-BF16/AMX, shared-prefix forward, LM head on target positions only, length-bucketed
   batches).
+- newslora_peft_layers: the same loop with `train.lean_forward=false` (PEFT's own LoRA layers instead of
+  the packed forward of `workers/modeling/lora_forward.py`): what that forward adds.
 - torchtune: `workers.train.torchtune_backend`, the torchtune LoRA recipe in its own environment.
 
 Tokens, per backend:
@@ -38,6 +40,8 @@ FLOPs of the work executed (padding excluded, so never more than was computed):
   every real position for the naive loops and torchtune (the HF forward computes all logits).
 `fraction_of_bf16_peak` divides the executed FLOPs a second by a measured bf16 matmul peak (the fastest
 single 1024^3 or 2048^3 matmul, before and after the run); it cannot exceed 1 unless the peak is measured low.
+`decoder_matmul_ceiling` times the decoder's frozen matmuls alone at a step's token count: the part of
+that peak the model's own shapes reach on this machine, a ceiling for any loop.
 
 Prints the load average at the start and the end (stderr), then one JSON object (stdout).
 """
@@ -98,6 +102,29 @@ def matmul_gflops(dtype: torch.dtype, sizes: Sequence[int] = (1024, 2048), reps:
             a @ b
             best = max(best, 2 * n ** 3 / (time.perf_counter() - t) / 1e9)
     return best
+
+
+def shape_ceiling_gflops(model_dir: Path, tokens: int, reps: int = 5) -> float:
+    """GFLOP/s of the decoder's frozen linear layers alone at `tokens` rows in bf16: each layer's forward
+    x @ W^T and activation gradient dy @ W, the fastest of `reps` passes over all of them."""
+    from transformers import AutoConfig
+    c = AutoConfig.from_pretrained(model_dir)
+    h, kv, inter = c.hidden_size, c.num_key_value_heads * (c.hidden_size // c.num_attention_heads), c.intermediate_size
+    shapes = [(h, h), (h, kv), (h, kv), (h, h), (h, inter), (h, inter), (inter, h)]
+    ops = []
+    for i, o in shapes:
+        x, w, g = (torch.randn(tokens, i, dtype=torch.bfloat16), torch.randn(o, i, dtype=torch.bfloat16),
+                   torch.randn(tokens, o, dtype=torch.bfloat16))
+        ops.append((x, w, g))
+    flops = sum(4 * tokens * w.shape[0] * w.shape[1] for _, w, _ in ops)
+    best = float("inf")
+    for _ in range(reps + 1):
+        t = time.perf_counter()
+        for x, w, g in ops:
+            torch.nn.functional.linear(x, w)
+            g @ w
+        best = min(best, time.perf_counter() - t)
+    return flops / best / 1e9
 
 
 # --------------------------------------------------------------------------------------------------
@@ -268,6 +295,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="rounds of interleaved steps")
     ap.add_argument("--steps-per-round", type=int, default=4, help="timed steps of each backend a round")
     ap.add_argument("--skip-naive", action="store_true")
+    ap.add_argument("--skip-peft-layers", action="store_true",
+                    help="skip the newslora loop through PEFT's own LoRA layers (train.lean_forward=false)")
     ap.add_argument("--with-torchtune", action="store_true", help="also time the torchtune backend")
     args = ap.parse_args()
 
@@ -291,6 +320,11 @@ def main() -> None:
             loops["naive_fp32"] = NaiveLoop(model_dir, examples, spec, torch.float32, pad)
             loops["naive_bf16"] = NaiveLoop(model_dir, examples, spec, torch.bfloat16, pad)
         loops["newslora"] = NewsloraLoop(trainer)
+        if not args.skip_peft_layers:  # the same loop through PEFT's own LoRA layers: what lora_forward adds
+            plain = PeftLoraTrainer(spec.model_copy(update={"lean_forward": False}), ds, Path(tmp) / "run-peft",
+                                    LocalContext(work_dir=Path(tmp)))
+            plain.setup()
+            loops["newslora_peft_layers"] = NewsloraLoop(plain)
         for name, loop in loops.items():
             loop.step()  # warm-up, not timed
             print(f"{name}: warm-up step done", file=sys.stderr)
@@ -322,7 +356,10 @@ def main() -> None:
         dtypes = {name: loop.dtype for name, loop in loops.items()} | {"torchtune": tt_info.get("dtype", "?")}
         losses = loops["newslora"].losses
         prefix_len = examples[0].prefix_len
+        exec_tokens = acc["newslora"][0].executed_tokens / max(1, acc["newslora"][2])  # a step's executed tokens
+        lean_used = trainer.lean
         del loops, trainer
+    ceiling = shape_ceiling_gflops(model_dir, round(exec_tokens))
     peaks_after = {"bfloat16": matmul_gflops(torch.bfloat16), "float32": matmul_gflops(torch.float32)}
     best = {k: max(peaks[k], peaks_after[k]) for k in peaks}  # a peak: the best measurement
     for name in names:
@@ -351,10 +388,16 @@ def main() -> None:
                                "before": {k: round(v, 1) for k, v in peaks.items()},
                                "after": {k: round(v, 1) for k, v in peaks_after.items()}},
         "flop_model": asdict(fm),
+        "newslora_lean_forward": lean_used,
+        # the decoder's own frozen matmuls (forward and activation gradient) at a newslora step's executed
+        # token count, bf16, nothing else: the fastest any loop could run the bulk of this work here
+        "decoder_matmul_ceiling": {"tokens": round(exec_tokens), "gflops": round(ceiling, 1),
+                                   "fraction_of_bf16_peak": round(ceiling / best["bfloat16"], 3)},
         "backends": timed,
         "newslora_speedup_over_naive_fp32": speedup("naive_fp32"),
         "newslora_speedup_over_naive_bf16": speedup("naive_bf16"),
         "newslora_speedup_over_torchtune": speedup("torchtune"),
+        "newslora_speedup_over_peft_layers": speedup("newslora_peft_layers"),
     }
     print(json.dumps(out, indent=2))
 

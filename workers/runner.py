@@ -290,7 +290,7 @@ def requeue_stale_jobs() -> list[int]:
         enqueue(job_id, kind, queue)
     for job_id, kind, queue in stale:
         if kind == "pipeline":  # nobody advanced it for a lease (a lost message, a cancel no child reports)
-            log.info("pipeline %s: no progress within its lease; advancing it again", job_id)
+            log.debug("pipeline %s: no progress within its lease; advancing it again", job_id)
         else:
             log.warning("job %s: its worker stopped renewing the lease; re-queueing", job_id)
         enqueue(job_id, kind, queue)

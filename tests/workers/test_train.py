@@ -380,3 +380,71 @@ def test_validation_predictions_equal_a_classify_job_item_by_item(tiny_model_dir
             assert ctx.predictions[e.id]["label"] == LABELS[p], e.id
     if bool(clear.all()):
         assert summary["accuracy"] == pytest.approx(val_accuracy)
+
+
+# -- the lean LoRA training forward computes what PEFT computes -------------------------------------
+
+def _peft_on(tiny_model_dir: Path, targets: list[str], *, dtype=torch.float32, dropout: float = 0.0, seed: int = 1):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=dtype, attn_implementation="eager")
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=targets))
+    torch.manual_seed(seed)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)  # a non-zero adapter, so the check covers its forward and its gradients
+    return model.train()
+
+
+def _loss_and_grads(model, batch, lean: bool) -> tuple[float, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    loss = peft_loop.batch_loss(model, batch, lean=lean) / batch.n_targets
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("targets,train_on_input", [
+    (["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], False),
+    (["q_proj", "v_proj", "down_proj"], True),  # some layers of a pack adapted, others not
+])
+def test_lean_lora_forward_matches_peft_loss_and_gradients(tiny_model_dir, tokenizer, ag_news_dir, targets,
+                                                           train_on_input):
+    from workers.modeling.lora_forward import lora_forward_ok
+    model = _peft_on(tiny_model_dir, targets)
+    assert lora_forward_ok(model)
+    enc = PromptCodec.build(tokenizer, template="alpaca", instruction=default_instruction(LABELS), label_names=LABELS)
+    rows = [json.loads(x) for x in (ag_news_dir / "train.jsonl").read_text().splitlines()[:6]]
+    examples = enc.examples([{"id": i, "input": r["text"], "output": LABELS[r["label"]]} for i, r in enumerate(rows)],
+                            max_seq_len=128, train_on_input=train_on_input)
+    batch = collate_train(examples, tokenizer.pad_token_id)  # rows of unequal length: padding is exercised
+    assert len({len(e.input_ids) for e in examples}) > 1
+    ref_loss, ref_grads = _loss_and_grads(model, batch, lean=False)
+    loss, grads = _loss_and_grads(model, batch, lean=True)
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    assert grads.keys() == ref_grads.keys() and len(grads) == 2 * len(targets) * 2  # A and B, 2 layers
+    for name, g in grads.items():
+        assert torch.allclose(g, ref_grads[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_lean_lora_forward_in_bf16_stays_close_to_peft(tiny_model_dir, tokenizer, ag_news_dir):
+    model = _peft_on(tiny_model_dir, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                     dtype=torch.bfloat16)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()  # the trainer's layout: frozen base bf16, LoRA fp32 under autocast
+    enc = PromptCodec.build(tokenizer, template="alpaca", instruction=default_instruction(LABELS), label_names=LABELS)
+    rows = [json.loads(x) for x in (ag_news_dir / "train.jsonl").read_text().splitlines()[:6]]
+    batch = collate_train(enc.examples([{"id": i, "input": r["text"], "output": LABELS[r["label"]]}
+                                        for i, r in enumerate(rows)], max_seq_len=128), tokenizer.pad_token_id)
+    from peft.helpers import disable_input_dtype_casting
+    with disable_input_dtype_casting(model), torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = peft_loop.batch_loss(model, batch, lean=False).item()
+        ours = peft_loop.batch_loss(model, batch, lean=True).item()
+    assert ours == pytest.approx(ref, rel=2e-2)
+
+
+def test_lean_forward_is_not_used_where_it_would_differ(tiny_model_dir):
+    from workers.modeling.lora_forward import lora_forward_ok
+    assert not lora_forward_ok(_peft_on(tiny_model_dir, ["q_proj"], dropout=0.1))  # dropout: PEFT's own layers
+    from transformers import AutoModelForCausalLM
+    assert not lora_forward_ok(AutoModelForCausalLM.from_pretrained(tiny_model_dir))  # no adapter at all

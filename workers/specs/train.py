@@ -50,6 +50,8 @@ class TrainSpec(Spec):
                                                 description="validations without a gain in early_stopping_metric")
     early_stopping_metric: Literal["val_loss", "val_accuracy"] = Field(
         default="val_loss", description="what early stopping watches: validation loss (down) or accuracy (up)")
+    lean_forward: bool = Field(default=True, description="CPU Llama with one dropout-free LoRA: the packed "
+                               "training forward (workers/modeling/lora_forward.py); false: PEFT's own layers")
     wandb: bool = False
     reuse: bool = Field(default=False, description="pipelines: reuse an adapter trained with the same spec")
 

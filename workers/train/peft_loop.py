@@ -34,6 +34,7 @@ from core.contracts.adapter import AdapterMeta
 from core.contracts.metrics import METRICS_FILE, MetricsRow, append_metrics, truncate_metrics_after
 from workers.modeling.codec import IGNORE, Example, PromptCodec
 from workers.modeling.forward import lm_head_of, prefix_kv, shared_prefix_hidden
+from workers.modeling.lora_forward import lora_forward_ok, lora_shared_prefix_hidden
 from workers.modeling.scoring import score_labels
 from workers.train.data import PreparedDataset, TrainBatch, collate_train, length_bucketed_batches, load_prepared
 
@@ -56,9 +57,15 @@ class TrainOutOfMemory(RuntimeError):
 # The training loss (the forward passes and label scoring live in workers/modeling/)
 # ---------------------------------------------------------------------------------------------------
 
-def batch_loss(model: Any, batch: TrainBatch) -> torch.Tensor:
-    """Summed cross-entropy over the batch's targets, the LM head applied only where there is a target."""
-    prefix_h, h, _ = shared_prefix_hidden(model, batch.prefix_ids, batch.input_ids, batch.attention_mask)
+def batch_loss(model: Any, batch: TrainBatch, *, lean: bool = False) -> torch.Tensor:
+    """Summed cross-entropy over the batch's targets, the LM head applied only where there is a target.
+
+    lean: run `lora_forward.lora_shared_prefix_hidden` (the caller checked `lora_forward_ok(model)`).
+    """
+    if lean:
+        prefix_h, h = lora_shared_prefix_hidden(model, batch.prefix_ids, batch.input_ids, batch.attention_mask)
+    else:
+        prefix_h, h, _ = shared_prefix_hidden(model, batch.prefix_ids, batch.input_ids, batch.attention_mask)
     keep = batch.targets != IGNORE  # (B, S)
     hidden, targets = h[keep], batch.targets[keep]  # (N, H), (N,)
     if batch.prefix_targets is not None:  # train_on_input: the prefix's targets, counted once per row
@@ -121,6 +128,8 @@ class PeftLoraTrainer:
         self.val_examples = self._setup_examples(self.data.validation[:self.spec.val_samples], "validation")
         self.total_steps = self._setup_total_steps()
         self.model = self._setup_model()
+        # The lean LoRA forward where it computes what PEFT computes (a CPU Llama, one adapter, no dropout)
+        self.lean = self.spec.lean_forward and lora_forward_ok(self.model)
         self.optimizer = self._setup_optimizer()
         self.scheduler = self._setup_scheduler()
         self.wandb = self._setup_wandb()
@@ -334,7 +343,7 @@ class PeftLoraTrainer:
         try:
             for batch in batches:
                 with self._compute():
-                    loss = batch_loss(self.model, batch)
+                    loss = batch_loss(self.model, batch, lean=self.lean)
                 if not torch.isfinite(loss):
                     raise TrainingDiverged(
                         f"loss is {loss.item()} at step {self.step + 1}: the run diverged; lower the learning "
@@ -423,7 +432,7 @@ class PeftLoraTrainer:
                 chunk = [examples[i] for i in order[s:s + batch_size]]
                 with self._compute():
                     tb = self._to_device(collate_train(chunk, self.tokenizer.pad_token_id))
-                    loss_sum += batch_loss(self.model, tb).item()
+                    loss_sum += batch_loss(self.model, tb, lean=self.lean).item()
                     n_targets += tb.n_targets
             predicted = self.predict(examples, batch_size=batch_size)
         finally:

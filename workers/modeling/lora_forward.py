@@ -1,0 +1,198 @@
+"""The shared-prefix training forward of a PEFT-LoRA Llama on the CPU, in fewer and larger kernels.
+
+The same arithmetic as `forward.shared_prefix_hidden` through PEFT's LoRA layers (RMSNorm in fp32, RoPE,
+eager attention with an fp32 softmax, SiLU MLP, `base(x) + B(A(x)) * scaling` on every adapted layer),
+differentiable in the LoRA weights, but:
+- q|k|v and gate|up each run as one frozen matmul on weights packed once (the frozen base does not change
+  while training), and their LoRA parts as one `A` matmul (the layers' A matrices stacked) and one `B`
+  matmul (their B matrices, pre-scaled, as a block-diagonal matrix), instead of three and two PEFT modules
+  of three kernels each;
+- RoPE on q and k in one pass, the prefix's keys/values joined per layer without a cache object;
+- no PEFT dispatch, dropout identity or dtype round trips on the way.
+
+Measured on SmolLM2-135M, 2 cores: see `bench/train_throughput.py` (the newslora loop uses this).
+`lora_forward_ok(model)` says whether it applies (a plain Llama under one active LoRA adapter without
+dropout, bias or DoRA, on the CPU); otherwise the trainer runs `forward.shared_prefix_hidden`.
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from workers.modeling.forward import _rms, _rotate_half, decoder_of
+
+_QKV = ("q_proj", "k_proj", "v_proj")
+_GATE_UP = ("gate_proj", "up_proj")
+
+
+def _lora_layer(module: Any) -> bool:
+    return hasattr(module, "base_layer") and hasattr(module, "lora_A")
+
+
+def lora_forward_ok(model: Any) -> bool:
+    """Whether `lora_shared_prefix_hidden` computes exactly what the PEFT model computes."""
+    if not hasattr(model, "peft_config") or len(getattr(model, "active_adapters", []) or []) != 1:
+        return False
+    adapter = model.active_adapters[0]
+    decoder = decoder_of(model)
+    cfg = getattr(decoder, "config", None)
+    if cfg is None or getattr(cfg, "model_type", None) != "llama" or getattr(cfg, "hidden_act", None) != "silu" \
+            or getattr(cfg, "pretraining_tp", 1) not in (None, 1) or not hasattr(decoder, "rotary_emb") \
+            or decoder.embed_tokens.weight.device.type != "cpu":
+        return False
+    for lay in decoder.layers:
+        a, m = lay.self_attn, lay.mlp
+        if any(type(n).__name__ != "LlamaRMSNorm" for n in (lay.input_layernorm, lay.post_attention_layernorm)):
+            return False
+        for x in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj):
+            if _lora_layer(x):
+                if (x.merged or x.disable_adapters or adapter not in x.lora_A
+                        or type(x.lora_dropout[adapter]) is not torch.nn.Identity
+                        or x.use_dora.get(adapter) or x.base_layer.bias is not None
+                        or type(x.base_layer) is not torch.nn.Linear or x.lora_A[adapter].bias is not None
+                        or x.lora_B[adapter].bias is not None):
+                    return False
+            elif type(x) is not torch.nn.Linear or x.bias is not None:
+                return False
+    return True
+
+
+class _FrozenPack:
+    """The frozen base weights of q|k|v and gate|up, stacked once per model (kept on the decoder)."""
+
+    def __init__(self, decoder: Any):
+        def w(m: Any) -> torch.Tensor:
+            return (m.base_layer if _lora_layer(m) else m).weight
+
+        self.refs = [weakref.ref(w(getattr(lay.self_attn, n))) for lay in decoder.layers for n in _QKV]
+        with torch.no_grad():
+            self.qkv = [torch.cat([w(getattr(lay.self_attn, n)) for n in _QKV]).detach() for lay in decoder.layers]
+            self.gate_up = [torch.cat([w(getattr(lay.mlp, n)) for n in _GATE_UP]).detach() for lay in decoder.layers]
+
+    def current(self, decoder: Any) -> bool:
+        def w(m: Any) -> torch.Tensor:
+            return (m.base_layer if _lora_layer(m) else m).weight
+        ws = [w(getattr(lay.self_attn, n)) for lay in decoder.layers for n in _QKV]
+        return all(r() is x for r, x in zip(self.refs, ws))
+
+
+def _frozen_pack(decoder: Any) -> _FrozenPack:
+    pack = decoder.__dict__.get("_newslora_frozen_pack")
+    if pack is None or not pack.current(decoder):
+        pack = decoder.__dict__["_newslora_frozen_pack"] = _FrozenPack(decoder)
+    return pack
+
+
+def _lora_delta_weights(modules: list[Any], adapter: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(A stacked (sum r, in), B block-diagonal and scaled (sum out, sum r)) of the adapted modules among
+    `modules`, zero blocks for the others; None when none is adapted."""
+    if not any(_lora_layer(m) for m in modules):
+        return None
+    As, Bs = [], []
+    for m in modules:
+        if _lora_layer(m):
+            As.append(m.lora_A[adapter].weight)
+            Bs.append(m.lora_B[adapter].weight * m.scaling[adapter])
+        else:
+            out = m.weight.shape[0]
+            Bs.append(torch.zeros(out, 0, dtype=torch.float32, device=m.weight.device))
+    return torch.cat(As), torch.block_diag(*Bs)
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, lora: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    y = F.linear(x, weight)
+    if lora is not None:
+        y = y + F.linear(F.linear(x, lora[0]), lora[1])
+    return y
+
+
+def _single(m: Any, adapter: str) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    if _lora_layer(m):
+        return m.base_layer.weight, (m.lora_A[adapter].weight, m.lora_B[adapter].weight * m.scaling[adapter])
+    return m.weight, None
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
+    """Eager attention as the Hugging Face Llama runs it (fp32 softmax), grouped-query without copying the
+    keys/values per head: each key/value head's query heads are stacked along the query axis instead.
+
+    Args:
+        q: (n, heads, T, d); k, v: (n, kv_heads, K, d); bias: (n or 1, 1, T, K) additive, fp32.
+    """
+    n, nh, T, d = q.shape
+    kvh, K = k.shape[1], k.shape[2]
+    g = nh // kvh
+    w = torch.matmul(q.reshape(n, kvh, g * T, d), k.transpose(2, 3)) * scale  # (n, kvh, g*T, K)
+    w = w.view(n, kvh, g, T, K) + bias.unsqueeze(1)
+    w = torch.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype).view(n, kvh, g * T, K)
+    return torch.matmul(w, v).view(n, nh, T, d)
+
+
+def lora_shared_prefix_hidden(model: Any, prefix_ids: torch.Tensor, input_ids: torch.Tensor,
+                              attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`forward.shared_prefix_hidden` for a PEFT-LoRA Llama on the CPU (check `lora_forward_ok` first).
+
+    Args:
+        prefix_ids: (1, P); input_ids: (B, S) right-padded; attention_mask: (B, P + S), 1 on real tokens.
+
+    Returns:
+        (prefix hidden (1, P, H), row hidden (B, S, H)), after the final norm.
+    """
+    adapter = model.active_adapters[0]
+    decoder = decoder_of(model)
+    cfg = decoder.config
+    pack = _frozen_pack(decoder)
+    nh, kvh, eps = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.rms_norm_eps
+    P, (B, S) = prefix_ids.shape[1], input_ids.shape
+    xp = decoder.embed_tokens(prefix_ids)  # (1, P, H)
+    x = decoder.embed_tokens(input_ids)  # (B, S, H)
+    H = x.shape[-1]
+    d = getattr(cfg, "head_dim", None) or H // nh
+    dev = x.device
+    pos = torch.arange(P + S, device=dev).unsqueeze(0)  # (1, P + S)
+    cos, sin = decoder.rotary_emb(x, pos)  # (1, P + S, d)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (1, 1, P + S, d)
+    cos_p, sin_p, cos_r, sin_r = cos[:, :, :P], sin[:, :, :P], cos[:, :, P:], sin[:, :, P:]
+    # Additive masks in fp32: the prefix is causal; a row's token sees the whole prefix, its own earlier
+    # real tokens and itself (a pad query sees itself only, so no row of the softmax is empty).
+    neg = torch.finfo(torch.float32).min
+    causal_p = torch.ones(P, P, dtype=torch.bool, device=dev).tril()
+    bias_p = torch.zeros(1, 1, P, P, device=dev).masked_fill(~causal_p, neg)
+    real = attention_mask[:, P:].bool()  # (B, S)
+    causal = torch.ones(S, S, dtype=torch.bool, device=dev).tril()
+    see = (causal.unsqueeze(0) & real.unsqueeze(1)) | torch.eye(S, dtype=torch.bool, device=dev).unsqueeze(0)
+    see = torch.cat([attention_mask[:, :P].bool().unsqueeze(1).expand(B, S, P), see], dim=2)  # (B, S, P + S)
+    bias_r = torch.zeros(B, 1, S, P + S, device=dev).masked_fill(~see.unsqueeze(1), neg)
+
+    def qkv_of(h: torch.Tensor, li: int, lora: Any, cos_: torch.Tensor, sin_: torch.Tensor):
+        n, T = h.shape[0], h.shape[1]
+        qkv = _linear(h, pack.qkv[li], lora).view(n, T, nh + 2 * kvh, d).transpose(1, 2)  # (n, heads, T, d)
+        qk = qkv[:, :nh + kvh]
+        qk = qk * cos_ + _rotate_half(qk) * sin_
+        return qk[:, :nh], qk[:, nh:], qkv[:, nh + kvh:]
+
+    for li, lay in enumerate(decoder.layers):
+        attn, mlp = lay.self_attn, lay.mlp
+        qkv_lora = _lora_delta_weights([getattr(attn, n) for n in _QKV], adapter)
+        gu_lora = _lora_delta_weights([getattr(mlp, n) for n in _GATE_UP], adapter)
+        o_w, o_lora = _single(attn.o_proj, adapter)
+        down_w, down_lora = _single(mlp.down_proj, adapter)
+
+        def mlp_block(cur: torch.Tensor) -> torch.Tensor:
+            h = _rms(cur, lay.post_attention_layernorm.weight, eps)
+            gate, up = _linear(h, pack.gate_up[li], gu_lora).chunk(2, dim=-1)
+            return cur + _linear(F.silu(gate) * up, down_w, down_lora)
+
+        qp, kp, vp = qkv_of(_rms(xp, lay.input_layernorm.weight, eps), li, qkv_lora, cos_p, sin_p)  # (1, ., P, d)
+        q, k, v = qkv_of(_rms(x, lay.input_layernorm.weight, eps), li, qkv_lora, cos_r, sin_r)  # (B, ., S, d)
+        op = _attend(qp, kp, vp, bias_p, attn.scaling)  # (1, nh, P, d)
+        k = torch.cat([kp.expand(B, -1, -1, -1), k], dim=2)  # (B, kvh, P + S, d)
+        v = torch.cat([vp.expand(B, -1, -1, -1), v], dim=2)
+        o = _attend(q, k, v, bias_r, attn.scaling)  # (B, nh, S, d)
+        xp = mlp_block(xp + _linear(op.transpose(1, 2).reshape(1, P, nh * d), o_w, o_lora))
+        x = mlp_block(x + _linear(o.transpose(1, 2).reshape(B, S, nh * d), o_w, o_lora))
+    return _rms(xp, decoder.norm.weight, eps), _rms(x, decoder.norm.weight, eps)
+
