@@ -173,7 +173,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def lean_forward(decoder: Any, ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor,
-                 prefix_kv: tuple | None) -> torch.Tensor:
+                 prefix_kv: tuple | None, weights: Any = None) -> torch.Tensor:
     """The decoder's last hidden states for score mode, with fewer and larger kernels than its own forward.
 
     The same arithmetic as the Hugging Face Llama forward (RMSNorm in fp32, RoPE, SDPA with the given
@@ -184,12 +184,15 @@ def lean_forward(decoder: Any, ids: torch.Tensor, position_ids: torch.Tensor, ma
     Args:
         ids: (B, Q) token ids; position_ids: (B, Q); mask: (B, 1, Q, P + Q) bool, True where a query sees a key;
         prefix_kv: per layer (keys, values), each (1, kv_heads, P, head_dim), or None (P = 0).
+        weights: per-layer matrices to use instead of the modules' own (`lora_forward.merged_weights`: a
+            LoRA model's weights with the adapter merged, without touching its modules): attributes qkv,
+            gate_up, o, down, lists over layers.
 
     Returns:
         (B, Q, H) hidden states after the final norm.
     """
     cfg = decoder.config
-    packed = _packed_for(decoder)
+    packed = weights if weights is not None else _packed_for(decoder)
     nh, kvh = cfg.num_attention_heads, cfg.num_key_value_heads
     eps = cfg.rms_norm_eps
     x = decoder.embed_tokens(ids)  # (B, Q, H)
@@ -209,8 +212,10 @@ def lean_forward(decoder: Any, ids: torch.Tensor, position_ids: torch.Tensor, ma
             k = torch.cat([pk.expand(B, -1, -1, -1), k], dim=2)  # (B, kv_heads, P + Q, d)
             v = torch.cat([pv.expand(B, -1, -1, -1), v], dim=2)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling, enable_gqa=nh != kvh)
-        x = x + attn.o_proj(o.transpose(1, 2).reshape(B, Q, nh * d))
+        o = o.transpose(1, 2).reshape(B, Q, nh * d)
+        x = x + (attn.o_proj(o) if weights is None else F.linear(o, weights.o[li]))
         h = _rms(x, lay.post_attention_layernorm.weight, eps)
         gate, up = F.linear(h, packed.gate_up[li]).chunk(2, dim=-1)  # (B, Q, I) each
-        x = x + lay.mlp.down_proj(F.silu(gate) * up)
+        act = F.silu(gate) * up
+        x = x + (lay.mlp.down_proj(act) if weights is None else F.linear(act, weights.down[li]))
     return _rms(x, decoder.norm.weight, eps)

@@ -131,9 +131,43 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tenso
     return torch.matmul(w, v).view(n, nh, T, d)
 
 
+class MergedWeights:
+    """Per-layer weights of a LoRA model with its adapter merged, for `forward.lean_forward` (scoring)."""
+
+    def __init__(self, qkv: list, gate_up: list, o: list, down: list):
+        self.qkv, self.gate_up, self.o, self.down = qkv, gate_up, o, down
+
+
+@torch.no_grad()
+def merged_weights(model: Any) -> MergedWeights:
+    """The decoder's linear weights with the active adapter merged as a classify job merges an adapter
+    (`workers.inference.engine.merged_lora_weights`: W + scaling * B @ A summed in fp32, rounded once to
+    W's dtype), computed aside: the modules and their weights are left as they are (a merge and unmerge
+    in bf16 would drift the frozen base). Check `lora_forward_ok(model)` first."""
+    adapter = model.active_adapters[0]
+
+    def merged(m: Any) -> torch.Tensor:
+        if not _lora_layer(m):
+            return m.weight
+        w = m.base_layer.weight
+        with torch.autocast(w.device.type, enabled=False):  # in fp32 even when called under autocast
+            delta = (m.lora_B[adapter].weight.float() @ m.lora_A[adapter].weight.float()) * m.scaling[adapter]
+            return (w.float() + delta).to(w.dtype)
+
+    layers = decoder_of(model).layers
+    return MergedWeights(
+        qkv=[torch.cat([merged(getattr(lay.self_attn, n)) for n in _QKV]) for lay in layers],
+        gate_up=[torch.cat([merged(getattr(lay.mlp, n)) for n in _GATE_UP]) for lay in layers],
+        o=[merged(lay.self_attn.o_proj) for lay in layers], down=[merged(lay.mlp.down_proj) for lay in layers])
+
+
 def lora_shared_prefix_hidden(model: Any, prefix_ids: torch.Tensor, input_ids: torch.Tensor,
                               attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`forward.shared_prefix_hidden` for a PEFT-LoRA Llama on the CPU (check `lora_forward_ok` first).
+
+    The prefix's tokens and the rows' tokens go through every linear layer, norm and MLP as one token
+    matrix (P + B*S rows): only attention tells them apart (the prefix causal on itself, each row on the
+    prefix's keys and its own). Half the kernels of running the prefix as a batch of its own.
 
     Args:
         prefix_ids: (1, P); input_ids: (B, S) right-padded; attention_mask: (B, P + S), 1 on real tokens.
@@ -147,15 +181,13 @@ def lora_shared_prefix_hidden(model: Any, prefix_ids: torch.Tensor, input_ids: t
     pack = _frozen_pack(decoder)
     nh, kvh, eps = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.rms_norm_eps
     P, (B, S) = prefix_ids.shape[1], input_ids.shape
-    xp = decoder.embed_tokens(prefix_ids)  # (1, P, H)
-    x = decoder.embed_tokens(input_ids)  # (B, S, H)
-    H = x.shape[-1]
+    x = decoder.embed_tokens(torch.cat([prefix_ids[0], input_ids.reshape(-1)]))  # (N, H), N = P + B*S
+    N, H = x.shape
     d = getattr(cfg, "head_dim", None) or H // nh
     dev = x.device
-    pos = torch.arange(P + S, device=dev).unsqueeze(0)  # (1, P + S)
-    cos, sin = decoder.rotary_emb(x, pos)  # (1, P + S, d)
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (1, 1, P + S, d)
-    cos_p, sin_p, cos_r, sin_r = cos[:, :, :P], sin[:, :, :P], cos[:, :, P:], sin[:, :, P:]
+    cos, sin = decoder.rotary_emb(x, torch.arange(P + S, device=dev).unsqueeze(0))  # (1, P + S, d)
+    tok_pos = torch.cat([torch.arange(P, device=dev), torch.arange(P, P + S, device=dev).repeat(B)])  # (N,)
+    cos, sin = cos[0, tok_pos].unsqueeze(1), sin[0, tok_pos].unsqueeze(1)  # (N, 1, d)
     # Additive masks in fp32: the prefix is causal; a row's token sees the whole prefix, its own earlier
     # real tokens and itself (a pad query sees itself only, so no row of the softmax is empty).
     neg = torch.finfo(torch.float32).min
@@ -167,12 +199,9 @@ def lora_shared_prefix_hidden(model: Any, prefix_ids: torch.Tensor, input_ids: t
     see = torch.cat([attention_mask[:, :P].bool().unsqueeze(1).expand(B, S, P), see], dim=2)  # (B, S, P + S)
     bias_r = torch.zeros(B, 1, S, P + S, device=dev).masked_fill(~see.unsqueeze(1), neg)
 
-    def qkv_of(h: torch.Tensor, li: int, lora: Any, cos_: torch.Tensor, sin_: torch.Tensor):
-        n, T = h.shape[0], h.shape[1]
-        qkv = _linear(h, pack.qkv[li], lora).view(n, T, nh + 2 * kvh, d).transpose(1, 2)  # (n, heads, T, d)
-        qk = qkv[:, :nh + kvh]
-        qk = qk * cos_ + _rotate_half(qk) * sin_
-        return qk[:, :nh], qk[:, nh:], qkv[:, nh + kvh:]
+    def split(t: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, heads, d) -> prefix (1, heads, P, d), rows (B, heads, S, d)."""
+        return t[:P].transpose(0, 1).unsqueeze(0), t[P:].view(B, S, heads, d).transpose(1, 2)
 
     for li, lay in enumerate(decoder.layers):
         attn, mlp = lay.self_attn, lay.mlp
@@ -181,18 +210,17 @@ def lora_shared_prefix_hidden(model: Any, prefix_ids: torch.Tensor, input_ids: t
         o_w, o_lora = _single(attn.o_proj, adapter)
         down_w, down_lora = _single(mlp.down_proj, adapter)
 
-        def mlp_block(cur: torch.Tensor) -> torch.Tensor:
-            h = _rms(cur, lay.post_attention_layernorm.weight, eps)
-            gate, up = _linear(h, pack.gate_up[li], gu_lora).chunk(2, dim=-1)
-            return cur + _linear(F.silu(gate) * up, down_w, down_lora)
-
-        qp, kp, vp = qkv_of(_rms(xp, lay.input_layernorm.weight, eps), li, qkv_lora, cos_p, sin_p)  # (1, ., P, d)
-        q, k, v = qkv_of(_rms(x, lay.input_layernorm.weight, eps), li, qkv_lora, cos_r, sin_r)  # (B, ., S, d)
+        qkv = _linear(_rms(x, lay.input_layernorm.weight, eps), pack.qkv[li], qkv_lora).view(N, nh + 2 * kvh, d)
+        qk = qkv[:, :nh + kvh]
+        qk = qk * cos + _rotate_half(qk) * sin  # (N, nh + kvh, d)
+        (qp, q), (kp, k), (vp, v) = split(qk[:, :nh], nh), split(qk[:, nh:], kvh), split(qkv[:, nh + kvh:], kvh)
         op = _attend(qp, kp, vp, bias_p, attn.scaling)  # (1, nh, P, d)
         k = torch.cat([kp.expand(B, -1, -1, -1), k], dim=2)  # (B, kvh, P + S, d)
         v = torch.cat([vp.expand(B, -1, -1, -1), v], dim=2)
         o = _attend(q, k, v, bias_r, attn.scaling)  # (B, nh, S, d)
-        xp = mlp_block(xp + _linear(op.transpose(1, 2).reshape(1, P, nh * d), o_w, o_lora))
-        x = mlp_block(x + _linear(o.transpose(1, 2).reshape(B, S, nh * d), o_w, o_lora))
-    return _rms(xp, decoder.norm.weight, eps), _rms(x, decoder.norm.weight, eps)
-
+        o = torch.cat([op[0].transpose(0, 1).reshape(P, nh * d), o.transpose(1, 2).reshape(B * S, nh * d)])
+        x = x + _linear(o, o_w, o_lora)
+        gate, up = _linear(_rms(x, lay.post_attention_layernorm.weight, eps), pack.gate_up[li], gu_lora).chunk(2, -1)
+        x = x + _linear(F.silu(gate) * up, down_w, down_lora)
+    x = _rms(x, decoder.norm.weight, eps)
+    return x[:P].unsqueeze(0), x[P:].view(B, S, H)

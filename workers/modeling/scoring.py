@@ -18,13 +18,14 @@ from workers.modeling.forward import (cache_kwarg, decoder_of, expanded_cache, l
 
 
 def score_labels(model: Any, codec: PromptCodec, seqs: Sequence[Sequence[int]], prefix_kv: tuple | None, *,
-                 pad_id: int | None = None) -> torch.Tensor:
+                 pad_id: int | None = None, weights: Any = None) -> torch.Tensor:
     """Log-likelihood of every label's token sequence after each item's prompt, one forward pass.
 
     Args:
         model: the causal LM (plain or PEFT-wrapped), with the weights to score under active.
         seqs: per-item prompt tokens after the shared prefix (the whole prompt when `prefix_kv` is None).
         prefix_kv: the shared prefix's per-layer KV (`forward.prefix_kv`), or None.
+        weights: a LoRA model's merged weights (`lora_forward.merged_weights`): the lean forward runs on them.
 
     Returns:
         float32 tensor (batch, n_labels) on the CPU: sum over each label's tokens of
@@ -68,8 +69,9 @@ def score_labels(model: Any, codec: PromptCodec, seqs: Sequence[Sequence[int]], 
     mask = mask.unsqueeze(1)  # (B, 1, Q, P+Q)
 
     with torch.inference_mode():
-        if lean_forward_ok(decoder):  # a plain Llama on the CPU: the same arithmetic in fewer, larger kernels
-            hidden = lean_forward(decoder, ids, pos, mask, prefix_kv)  # (B, Q, H)
+        if weights is not None or lean_forward_ok(decoder):  # a plain Llama on the CPU (or a LoRA one with
+            # its adapter merged into `weights`): the same arithmetic in fewer, larger kernels
+            hidden = lean_forward(decoder, ids, pos, mask, prefix_kv, weights)  # (B, Q, H)
         else:
             kwargs = {cache_kwarg(decoder): expanded_cache(prefix_kv, B)}
             hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=P > 0,
