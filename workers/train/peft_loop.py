@@ -9,6 +9,9 @@ Where the time goes and what this loop does about it:
   that have a target: with train_on_input off, the label and EOS tokens.
 - Length-bucketed batches, so little compute goes to padding.
 - Eager attention on CPU (faster than SDPA's CPU flash kernel for short masked sequences).
+- On a CPU Llama with one dropout-free adapter, the forward is `workers/modeling/lora_forward.py`'s (packed
+  q|k|v and gate|up, stacked LoRA A and block-diagonal B, prefix and rows as one token matrix); validation
+  scores the adapter merged aside in the lean scoring forward, as a classify job does.
 """
 from __future__ import annotations
 
