@@ -308,7 +308,7 @@ def test_bad_inputs_get_clear_errors(tiny_model_dir, dataset_dir, tmp_path):
 ])
 def test_a_failing_step_stops_with_advice_and_no_adapter(tiny_model_dir, dataset_dir, tmp_path, monkeypatch,
                                                          failure, error, match):
-    def broken(model, batch):
+    def broken(model, batch, **kw):
         if failure == "oom":
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return failure()
