@@ -30,14 +30,17 @@ Tokens, per backend:
   once per batch, the others once per example. padded_tokens adds the padding the batches carried;
   padding_share = 1 - executed / padded.
 
-FLOPs of the work executed (padding excluded, so never more than was computed):
-- decoder linear layers, frozen: forward 2*N + backward activation-gradients 2*N a token (no weight
-  gradients); N = the decoder's linear parameters (embedding and LM head apart);
-- LoRA adapters: forward 2*N_lora + backward 4*N_lora (activation and weight gradients) a token;
-- attention: QK^T and AV forward 4*d a key, backward 8*d, over the causal keys of each executed token
-  (d = hidden size; the prefix's keys included for the newslora rows);
+FLOPs of the work executed (padding excluded, so never more than was computed; `FlopModel`):
+- decoder linear layers, frozen: forward 2*N a token; backward activation gradients 2*N for the modules
+  whose input needs a gradient (none below the lowest adapted layer, none for that layer's q|k|v; no
+  weight gradients); N = the decoder's linear parameters (embedding and LM head apart);
+- LoRA adapters: forward 2*N_lora, backward weight gradients 2*N_lora, dy @ B, and du @ A where the
+  input needs a gradient (6*N_lora a token in all but the lowest adapted layer);
+- attention: QK^T and AV forward 4*d a key, backward 8*d where its input needs a gradient, over the causal
+  keys of each executed token (d = hidden size; the prefix's keys included for the newslora rows);
 - LM head (frozen, tied): 4*V*H a position where it is applied: the target positions for newslora,
   every real position for the naive loops and torchtune (the HF forward computes all logits).
+`--top-layers N` adapts only the top N layers in every backend that can (a shorter backward).
 `fraction_of_bf16_peak` divides the executed FLOPs a second by a measured bf16 matmul peak (the fastest
 single 1024^3 or 2048^3 matmul, before and after the run); it cannot exceed 1 unless the peak is measured low.
 `decoder_matmul_ceiling` times the decoder's frozen matmuls alone at a step's token count: the part of
@@ -166,29 +169,52 @@ def shared_prefix_work(batch: Any) -> Work:
 
 @dataclass(frozen=True)
 class FlopModel:
-    n_linear: int  # decoder linear parameters
-    n_lora: int  # LoRA parameters (A and B of every adapted layer)
+    """FLOPs a token costs, per part, counting only what autograd runs: below the lowest adapted layer
+    (`lora.top_layers`) nothing needs a gradient, and in that layer a module's activation gradient is
+    computed only when something adapted feeds its input."""
+    linear_fwd: int  # decoder linear parameters (forward: 2 FLOPs each a token)
+    linear_bwd: int  # frozen linear parameters whose input needs a gradient (activation gradient: 2 each)
+    lora_fwd: int  # LoRA parameters (A and B of every adapted module)
+    lora_bwd: int  # FLOPs/2 of the LoRA backward a token: weight gradients, dy @ B, and du @ A where needed
     hidden: int
     vocab: int
-    layers: int
+    attn_fwd_layers: int
+    attn_bwd_layers: int  # layers whose attention input needs a gradient
 
     @classmethod
-    def of(cls, model_dir: Path, lora_rank: int, targets: Sequence[str]) -> "FlopModel":
+    def of(cls, model_dir: Path, lora: Any) -> "FlopModel":
         from transformers import AutoConfig
         c = AutoConfig.from_pretrained(model_dir)
         h, kv = c.hidden_size, c.num_key_value_heads * (c.hidden_size // c.num_attention_heads)
         shapes = {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
                   "gate_proj": (h, c.intermediate_size), "up_proj": (h, c.intermediate_size),
                   "down_proj": (c.intermediate_size, h)}
-        per_layer = sum(i * o for i, o in shapes.values())
-        lora = sum(lora_rank * (i + o) for name, (i, o) in shapes.items()
-                   if name in targets or list(targets) == ["all-linear"])
-        return cls(n_linear=per_layer * c.num_hidden_layers, n_lora=lora * c.num_hidden_layers, hidden=h,
-                   vocab=c.vocab_size, layers=c.num_hidden_layers)
+        # modules in the order data flows through a layer; each group reads what the groups before it made
+        groups = [("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",)]
+        targets = set(shapes) if list(lora.target_modules) == ["all-linear"] else set(lora.target_modules)
+        n_layers, r = c.num_hidden_layers, lora.rank
+        lowest = n_layers - (lora.top_layers or n_layers)
+        lin_f = lin_b = lo_f = lo_b = attn_b = 0
+        for layer in range(n_layers):
+            grad_in = layer > lowest  # the residual stream needs a gradient above the lowest adapted layer
+            for gi, group in enumerate(groups):
+                for name in group:
+                    i, o = shapes[name]
+                    lin_f += i * o
+                    lin_b += i * o if grad_in else 0
+                    if layer >= lowest and name in targets:
+                        lo_f += r * (i + o)
+                        lo_b += r * (i + o) + r * o + (r * i if grad_in else 0)
+                if gi == 0:
+                    attn_b += 1 if grad_in or (layer == lowest and targets & set(group)) else 0
+                if layer >= lowest and targets & set(group):
+                    grad_in = True
+        return cls(linear_fwd=lin_f, linear_bwd=lin_b, lora_fwd=lo_f, lora_bwd=lo_b, hidden=h,
+                   vocab=c.vocab_size, attn_fwd_layers=n_layers, attn_bwd_layers=attn_b)
 
     def flops(self, w: Work) -> float:
-        return (w.executed_tokens * (4 * self.n_linear + 6 * self.n_lora)
-                + w.attn_keys * 12 * self.hidden * self.layers
+        return (w.executed_tokens * 2 * (self.linear_fwd + self.linear_bwd + self.lora_fwd + self.lora_bwd)
+                + w.attn_keys * self.hidden * (4 * self.attn_fwd_layers + 8 * self.attn_bwd_layers)
                 + w.head_positions * 4 * self.vocab * self.hidden)
 
 
@@ -209,8 +235,11 @@ class NaiveLoop:
         torch.manual_seed(0)
         base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
         lora = spec.lora
+        n = base.config.num_hidden_layers
+        layers = list(range(n - lora.top_layers, n)) if lora.top_layers else None
         self.model = get_peft_model(base, LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                                     target_modules=lora.target_modules, task_type="CAUSAL_LM")).train()
+                                                     target_modules=lora.target_modules, layers_to_transform=layers,
+                                                     task_type="CAUSAL_LM")).train()
         self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=spec.learning_rate)
         self.pad = pad_id
         self.dtype = str(dtype).removeprefix("torch.")
@@ -298,6 +327,8 @@ def main() -> None:
     ap.add_argument("--skip-peft-layers", action="store_true",
                     help="skip the newslora loop through PEFT's own LoRA layers (train.lean_forward=false)")
     ap.add_argument("--with-torchtune", action="store_true", help="also time the torchtune backend")
+    ap.add_argument("--top-layers", type=int, default=None,
+                    help="lora.top_layers for every backend that can (the naive loops too; torchtune cannot)")
     args = ap.parse_args()
 
     load_before = [round(x, 2) for x in os.getloadavg()]
@@ -309,7 +340,7 @@ def main() -> None:
         ds = write_dataset(Path(tmp) / "ds", args.examples)
         spec = TrainSpec(dataset_id=1, model=str(model_dir), batch_size=args.batch_size,
                          max_steps=1 + args.rounds * args.steps_per_round, warmup_steps=1, eval_every=10_000,
-                         save_every=10_000, val_samples=8)
+                         save_every=10_000, val_samples=8, lora={"top_layers": args.top_layers})
         trainer = PeftLoraTrainer(spec, ds, Path(tmp) / "run", LocalContext(work_dir=Path(tmp)))
         trainer.setup()
         examples = trainer.train_examples
@@ -340,6 +371,8 @@ def main() -> None:
                     acc[name][0] += work
                     acc[name][1] += seconds
                     acc[name][2] += 1
+            if args.with_torchtune and args.top_layers:
+                tt_info = {"error": "not run: the torchtune backend adapts every layer (--top-layers)"}
             if args.with_torchtune and "error" not in tt_info:
                 try:
                     work, seconds, info = torchtune_round(model_dir, ds, spec, args.steps_per_round,
@@ -352,7 +385,7 @@ def main() -> None:
                     tt_info = {"error": f"{type(e).__name__}: {e}"}
             print(f"round {r + 1} of {args.rounds} done: " + ", ".join(
                 f"{n} {a[0].data_tokens / a[1]:.0f} tokens/s" for n, a in acc.items() if a[1]), file=sys.stderr)
-        fm = FlopModel.of(model_dir, spec.lora.rank, spec.lora.target_modules)
+        fm = FlopModel.of(model_dir, spec.lora)
         dtypes = {name: loop.dtype for name, loop in loops.items()} | {"torchtune": tt_info.get("dtype", "?")}
         losses = loops["newslora"].losses
         prefix_len = examples[0].prefix_len

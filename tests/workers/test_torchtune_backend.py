@@ -84,6 +84,15 @@ def test_lora_modules_map_to_torchtune_names():
         tb.lora_modules(LoraSpec(target_modules=["q_proj", "lm_head"]))
     with pytest.raises(ValueError, match="attention module"):
         tb.lora_modules(LoraSpec(target_modules=["gate_proj", "up_proj", "down_proj"]))
+    with pytest.raises(ValueError, match="lora.top_layers.*backend 'peft'"):
+        tb.lora_modules(LoraSpec(top_layers=2))
+
+
+def test_top_layers_with_torchtune_is_refused_when_the_spec_is_made():
+    from pydantic import ValidationError
+    from workers.specs.train import TrainSpec
+    with pytest.raises(ValidationError, match="lora.top_layers.*backend 'peft'"):
+        TrainSpec(dataset_id=1, backend="torchtune", lora={"top_layers": 2})
 
 
 def test_builder_args_for_smollm2(smollm2_dir):

@@ -15,7 +15,7 @@ from workers.train import (DatasetNotPrepared, TrainingDiverged, TrainOutOfMemor
 from workers.train import peft_loop
 from workers.train.checkpoint import latest_checkpoint
 from workers.modeling.codec import IGNORE, PromptCodec
-from workers.modeling.forward import prefix_kv
+from workers.modeling.forward import lm_head_of, prefix_kv
 from workers.modeling.scoring import score_labels
 from workers.train.data import collate_train
 from tests.conftest import make_dataset_meta
@@ -138,7 +138,11 @@ def test_label_scores_equal_full_sequence_log_likelihoods(tiny_model_dir, tokeni
     rows = [json.loads(x) for x in (ag_news_dir / "train.jsonl").read_text().splitlines()[:4]]
     examples = enc.examples([{"id": i, "input": r["text"], "output": LABELS[r["label"]]} for i, r in enumerate(rows)],
                             max_seq_len=128)
+    seen = []  # the LM head's input: a strided one costs a copy of the head's weight per row
+    hook = lm_head_of(model).register_forward_pre_hook(lambda mod, args: seen.append(args[0].is_contiguous()))
     scores = score_labels(model, enc, [e.body for e in examples], prefix_kv(model, enc.prefix_ids))
+    hook.remove()
+    assert seen == [True]
     for b, e in enumerate(examples):
         prompt = e.input_ids[:e.prompt_len]
         for li, ids in enumerate(enc.label_ids):
@@ -298,8 +302,24 @@ def test_bad_inputs_get_clear_errors(tiny_model_dir, dataset_dir, tmp_path):
     with pytest.raises(UnknownTargetModules, match=r"\['qkv'\].*down_proj, gate_proj, k_proj, o_proj, q_proj"):
         train_adapter(tiny_spec(tiny_model_dir, lora=LoraSpec(target_modules=["q_proj", "qkv"])), dataset_dir,
                       tmp_path / "r4", ctx)
-    for run in ("r1", "r2", "r3", "r4"):
+    with pytest.raises(UnknownTargetModules, match=r"lora.top_layers=3, but .* has 2 decoder layers"):
+        train_adapter(tiny_spec(tiny_model_dir, lora=LoraSpec(top_layers=3)), dataset_dir, tmp_path / "r5", ctx)
+    for run in ("r1", "r2", "r3", "r4", "r5"):
         assert not (tmp_path / run / "adapter").exists()
+
+
+def test_top_layers_adapts_only_the_top_of_the_decoder_and_the_adapter_merges(tiny_model_dir, dataset_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+    from workers.inference.engine import merged_lora_weights
+    result = train_adapter(tiny_spec(tiny_model_dir, max_steps=3, lora=LoraSpec(rank=4, alpha=8, top_layers=1)),
+                           dataset_dir, tmp_path / "run", LocalContext(work_dir=tmp_path))
+    keys = adapter_tensors(result["adapter_dir"]).keys()
+    assert len(keys) == 2 * 7 and all(".layers.1." in k for k in keys), sorted(keys)  # A and B of 7 modules
+    cfg = json.loads((Path(result["adapter_dir"]) / "adapter_config.json").read_text())
+    assert cfg["layers_to_transform"] == [1]
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    merged = merged_lora_weights(base, Path(result["adapter_dir"]))
+    assert len(merged) == 7 and all(".layers.1." in name for name in merged)
 
 
 @pytest.mark.parametrize("failure, error, match", [
@@ -384,11 +404,13 @@ def test_validation_predictions_equal_a_classify_job_item_by_item(tiny_model_dir
 
 # -- the lean LoRA training forward computes what PEFT computes -------------------------------------
 
-def _peft_on(tiny_model_dir: Path, targets: list[str], *, dtype=torch.float32, dropout: float = 0.0, seed: int = 1):
+def _peft_on(tiny_model_dir: Path, targets: list[str], *, dtype=torch.float32, dropout: float = 0.0, seed: int = 1,
+             layers: list[int] | None = None):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=dtype, attn_implementation="eager")
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=targets))
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=targets,
+                                            layers_to_transform=layers))
     torch.manual_seed(seed)
     for name, p in model.named_parameters():
         if "lora_B" in name:
@@ -403,14 +425,15 @@ def _loss_and_grads(model, batch, lean: bool) -> tuple[float, dict[str, torch.Te
     return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("targets,train_on_input", [
-    (["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], False),
-    (["q_proj", "v_proj", "down_proj"], True),  # some layers of a pack adapted, others not
+@pytest.mark.parametrize("targets,train_on_input,layers", [
+    (["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], False, None),
+    (["q_proj", "v_proj", "down_proj"], True, None),  # some layers of a pack adapted, others not
+    (["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], False, [1]),  # top layer only
 ])
 def test_lean_lora_forward_matches_peft_loss_and_gradients(tiny_model_dir, tokenizer, ag_news_dir, targets,
-                                                           train_on_input):
+                                                           train_on_input, layers):
     from workers.modeling.lora_forward import lora_forward_ok
-    model = _peft_on(tiny_model_dir, targets)
+    model = _peft_on(tiny_model_dir, targets, layers=layers)
     assert lora_forward_ok(model)
     enc = PromptCodec.build(tokenizer, template="alpaca", instruction=default_instruction(LABELS), label_names=LABELS)
     rows = [json.loads(x) for x in (ag_news_dir / "train.jsonl").read_text().splitlines()[:6]]
@@ -421,7 +444,7 @@ def test_lean_lora_forward_matches_peft_loss_and_gradients(tiny_model_dir, token
     ref_loss, ref_grads = _loss_and_grads(model, batch, lean=False)
     loss, grads = _loss_and_grads(model, batch, lean=True)
     assert loss == pytest.approx(ref_loss, rel=1e-5)
-    assert grads.keys() == ref_grads.keys() and len(grads) == 2 * len(targets) * 2  # A and B, 2 layers
+    assert grads.keys() == ref_grads.keys() and len(grads) == 2 * len(targets) * len(layers or [0, 1])  # A and B
     for name, g in grads.items():
         assert torch.allclose(g, ref_grads[name], rtol=1e-4, atol=1e-6), name
 

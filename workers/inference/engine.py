@@ -24,6 +24,7 @@ import torch
 from core.contracts.adapter import AdapterMeta
 from core.contracts.base import ContractError
 from workers.modeling.forward import prefix_kv
+from workers.modeling.lora_forward import merge_lora
 from workers.models import load_model, model_digest, pick_device, pick_dtype, resolve_model
 
 DEFAULT_MAX_ADAPTERS = 4
@@ -106,16 +107,13 @@ def merged_lora_weights(model: Any, path: Path) -> dict[str, torch.nn.Parameter]
         mod_alpha = next((float(v) for pat, v in alpha_pattern.items()
                           if re.fullmatch(rf"(.*\.)?{pat}", module)), alpha)
         scale = mod_alpha / (r ** 0.5 if rslora else r)
-        delta = (b.float() @ a.float()) * scale  # (out, in)
-        if cfg.get("fan_in_fan_out"):
-            delta = delta.T
+        if cfg.get("fan_in_fan_out"):  # stored (in, r) and (r, out): B @ A is the transposed delta
+            a, b = b.T, a.T
         w = target.weight
-        if tuple(delta.shape) != tuple(w.shape):
-            raise AdapterError(f"{path}: {module}'s LoRA delta has shape {tuple(delta.shape)}, the base's weight "
-                               f"{tuple(w.shape)}; it was trained for another base model")
-        with torch.no_grad():
-            out[module] = torch.nn.Parameter((w.detach().float() + delta.to(w.device)).to(w.dtype),
-                                             requires_grad=False)
+        if (b.shape[0], a.shape[1]) != tuple(w.shape):
+            raise AdapterError(f"{path}: {module}'s LoRA delta has shape {(b.shape[0], a.shape[1])}, the base's "
+                               f"weight {tuple(w.shape)}; it was trained for another base model")
+        out[module] = torch.nn.Parameter(merge_lora(w, a, b, scale), requires_grad=False)
     if not out:
         raise AdapterError(f"{path}: the adapter holds no LoRA weights")
     return out

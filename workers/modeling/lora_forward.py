@@ -16,13 +16,12 @@ dropout, bias or DoRA, on the CPU); otherwise the trainer runs `forward.shared_p
 """
 from __future__ import annotations
 
-import weakref
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from workers.modeling.forward import _rms, _rotate_half, decoder_of
+from workers.modeling.forward import _packed_for, _rms, _rotate_half, decoder_of
 
 _QKV = ("q_proj", "k_proj", "v_proj")
 _GATE_UP = ("gate_proj", "up_proj")
@@ -58,32 +57,6 @@ def lora_forward_ok(model: Any) -> bool:
             elif type(x) is not torch.nn.Linear or x.bias is not None:
                 return False
     return True
-
-
-class _FrozenPack:
-    """The frozen base weights of q|k|v and gate|up, stacked once per model (kept on the decoder)."""
-
-    def __init__(self, decoder: Any):
-        def w(m: Any) -> torch.Tensor:
-            return (m.base_layer if _lora_layer(m) else m).weight
-
-        self.refs = [weakref.ref(w(getattr(lay.self_attn, n))) for lay in decoder.layers for n in _QKV]
-        with torch.no_grad():
-            self.qkv = [torch.cat([w(getattr(lay.self_attn, n)) for n in _QKV]).detach() for lay in decoder.layers]
-            self.gate_up = [torch.cat([w(getattr(lay.mlp, n)) for n in _GATE_UP]).detach() for lay in decoder.layers]
-
-    def current(self, decoder: Any) -> bool:
-        def w(m: Any) -> torch.Tensor:
-            return (m.base_layer if _lora_layer(m) else m).weight
-        ws = [w(getattr(lay.self_attn, n)) for lay in decoder.layers for n in _QKV]
-        return all(r() is x for r, x in zip(self.refs, ws))
-
-
-def _frozen_pack(decoder: Any) -> _FrozenPack:
-    pack = decoder.__dict__.get("_newslora_frozen_pack")
-    if pack is None or not pack.current(decoder):
-        pack = decoder.__dict__["_newslora_frozen_pack"] = _FrozenPack(decoder)
-    return pack
 
 
 def _lora_delta_weights(modules: list[Any], adapter: str) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -138,21 +111,30 @@ class MergedWeights:
         self.qkv, self.gate_up, self.o, self.down = qkv, gate_up, o, down
 
 
+def merge_lora(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """W + scale * B @ A, summed in fp32 and rounded once to W's dtype, on W's device, W left as it is: how
+    newslora merges a LoRA pair everywhere (a classify job's adapter, training validation). In fp32 even
+    when called under autocast.
+
+    Args:
+        w: (out, in); a: (r, in); b: (out, r).
+    """
+    with torch.no_grad(), torch.autocast(w.device.type, enabled=False):
+        delta = (b.float() @ a.float()) * scale
+        return (w.detach().float() + delta.to(w.device)).to(w.dtype)
+
+
 @torch.no_grad()
 def merged_weights(model: Any) -> MergedWeights:
     """The decoder's linear weights with the active adapter merged as a classify job merges an adapter
-    (`workers.inference.engine.merged_lora_weights`: W + scaling * B @ A summed in fp32, rounded once to
-    W's dtype), computed aside: the modules and their weights are left as they are (a merge and unmerge
+    (`merge_lora`), computed aside: the modules and their weights are left as they are (a merge and unmerge
     in bf16 would drift the frozen base). Check `lora_forward_ok(model)` first."""
     adapter = model.active_adapters[0]
 
     def merged(m: Any) -> torch.Tensor:
         if not _lora_layer(m):
             return m.weight
-        w = m.base_layer.weight
-        with torch.autocast(w.device.type, enabled=False):  # in fp32 even when called under autocast
-            delta = (m.lora_B[adapter].weight.float() @ m.lora_A[adapter].weight.float()) * m.scaling[adapter]
-            return (w.float() + delta).to(w.dtype)
+        return merge_lora(m.base_layer.weight, m.lora_A[adapter].weight, m.lora_B[adapter].weight, m.scaling[adapter])
 
     layers = decoder_of(model).layers
     return MergedWeights(
@@ -178,7 +160,7 @@ def lora_shared_prefix_hidden(model: Any, prefix_ids: torch.Tensor, input_ids: t
     adapter = model.active_adapters[0]
     decoder = decoder_of(model)
     cfg = decoder.config
-    pack = _frozen_pack(decoder)
+    pack = _packed_for(decoder)  # q|k|v and gate|up of the frozen base (PEFT layers' .weight is the base's)
     nh, kvh, eps = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.rms_norm_eps
     P, (B, S) = prefix_ids.shape[1], input_ids.shape
     x = decoder.embed_tokens(torch.cat([prefix_ids[0], input_ids.reshape(-1)]))  # (N, H), N = P + B*S

