@@ -217,7 +217,7 @@ def test_llama2_7b_preset_runs_end_to_end_on_the_standin(standin_cli, llama2_sta
     train = kids["train"]
     assert train["spec"]["backend"] == backend and train["spec"]["model"] == str(llama2_standin_dir)
     assert train["spec"]["lora"] == {"rank": 8, "alpha": 16.0, "dropout": 0.05,
-                                     "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+                                     "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"], "top_layers": None}
     assert train["result"]["backend"] == backend and train["result"]["steps"] == 3
     if backend == "torchtune":  # the stand-in is a local folder: LLaMA-2's component builder, from its config
         messages = [e["message"] for e in c.events(train["id"])]
