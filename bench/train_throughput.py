@@ -235,8 +235,7 @@ class NaiveLoop:
         torch.manual_seed(0)
         base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
         lora = spec.lora
-        n = base.config.num_hidden_layers
-        layers = list(range(n - lora.top_layers, n)) if lora.top_layers else None
+        layers = lora.adapted_layers(base.config.num_hidden_layers)
         self.model = get_peft_model(base, LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                                      target_modules=lora.target_modules, layers_to_transform=layers,
                                                      task_type="CAUSAL_LM")).train()

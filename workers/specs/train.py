@@ -23,6 +23,23 @@ class LoraSpec(Spec):
     top_layers: int | None = Field(default=None, ge=1, description="adapt only the decoder's top N layers "
                                    "(those nearest the LM head); None: every layer")
 
+    def adapted_layers(self, n_layers: int) -> list[int] | None:
+        """Indices of the decoder layers `top_layers` names (the top N of `n_layers`), or None for all.
+
+        Raises:
+            ValueError: top_layers is more than the model has.
+        """
+        if self.top_layers is None:
+            return None
+        if self.top_layers > n_layers:
+            raise ValueError(f"lora.top_layers={self.top_layers}, but the model has {n_layers} decoder layers: "
+                             f"use at most {n_layers} (or null for all)")
+        return list(range(n_layers - self.top_layers, n_layers))
+
+
+TORCHTUNE_ALL_LAYERS = ("lora.top_layers: the torchtune backend adapts every decoder layer; use backend 'peft' "
+                        "to adapt only the top layers, or set lora.top_layers to null")
+
 
 class TrainSpec(Spec):
     """LoRA fine-tuning of a causal LM on a prepared dataset."""
@@ -62,6 +79,5 @@ class TrainSpec(Spec):
     @model_validator(mode="after")
     def _check(self) -> "TrainSpec":
         if self.backend == "torchtune" and self.lora.top_layers is not None:
-            raise ValueError("lora.top_layers: the torchtune backend adapts every decoder layer; use backend "
-                             "'peft' to adapt only the top layers, or set lora.top_layers to null")
+            raise ValueError(TORCHTUNE_ALL_LAYERS)
         return self

@@ -203,14 +203,10 @@ class PeftLoraTrainer:
 
     def _adapted_layers(self, base: Any) -> list[int] | None:
         """The decoder layers `lora.top_layers` names (the top N), or None for all."""
-        top = self.spec.lora.top_layers
-        if top is None:
-            return None
-        n = len(base.get_decoder().layers)
-        if top > n:
-            raise UnknownTargetModules(f"lora.top_layers={top}, but {self.spec.model} has {n} decoder layers: "
-                                       f"use at most {n} (or null for all)")
-        return list(range(n - top, n))
+        try:
+            return self.spec.lora.adapted_layers(len(base.get_decoder().layers))
+        except ValueError as e:
+            raise UnknownTargetModules(f"{e} ({self.spec.model})") from None
 
     def _target_modules(self, base: Any) -> list[str] | str:
         wanted = self.spec.lora.target_modules

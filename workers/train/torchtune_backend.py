@@ -53,7 +53,7 @@ import yaml
 from core.atomic import atomic_dir
 from workers.context import JobContext
 from workers.models import cpu_has_fast_bf16, model_digest, model_presets, pick_device, resolve_model
-from workers.specs.train import LoraSpec, TrainSpec
+from workers.specs.train import TORCHTUNE_ALL_LAYERS, LoraSpec, TrainSpec
 from core.contracts.adapter import AdapterMeta
 from core.contracts.metrics import METRICS_FILE, MetricsRow, append_metrics
 from workers.modeling.codec import Example, PromptCodec
@@ -156,8 +156,7 @@ def lora_modules(lora: LoraSpec) -> tuple[list[str], bool]:
             (torchtune adapts its three MLP projections together or not at all).
     """
     if lora.top_layers is not None:
-        raise ValueError("lora.top_layers: the torchtune backend adapts every decoder layer; use backend 'peft' "
-                         "to adapt only the top layers, or set lora.top_layers to null")
+        raise ValueError(TORCHTUNE_ALL_LAYERS)
     names = lora.target_modules
     if names == ["all-linear"]:
         names = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
