@@ -16,7 +16,7 @@ from workers.train import peft_loop
 from workers.train.checkpoint import latest_checkpoint
 from workers.modeling.codec import IGNORE, PromptCodec
 from workers.modeling.forward import lm_head_of, prefix_kv
-from workers.modeling.scoring import score_labels
+from workers.modeling.scoring import score_labels, score_responses
 from workers.train.data import collate_train
 from tests.conftest import make_dataset_meta
 
@@ -151,6 +151,27 @@ def test_label_scores_equal_full_sequence_log_likelihoods(tiny_model_dir, tokeni
             logp = torch.log_softmax(logits, -1)
             want = sum(logp[len(prompt) - 1 + j, t].item() for j, t in enumerate(ids))
             assert scores[b, li].item() == pytest.approx(want, abs=1e-3)
+
+
+def test_validation_loss_from_the_scoring_forward_equals_the_training_loss(tiny_model_dir, tokenizer, ag_news_dir):
+    """Validation reads the gold response's loss (label + EOS) off the scoring forward: one pass, the
+    same number as the training forward's loss over the same examples."""
+    model = _tiny_peft(tiny_model_dir)
+    enc = PromptCodec.build(tokenizer, template="alpaca", instruction=default_instruction(LABELS), label_names=LABELS)
+    rows = [json.loads(x) for x in (ag_news_dir / "train.jsonl").read_text().splitlines()[:7]]
+    examples = enc.examples([{"id": i, "input": r["text"], "output": LABELS[r["label"]]} for i, r in enumerate(rows)],
+                            max_seq_len=128)
+    kv = prefix_kv(model, enc.prefix_ids)
+    scores = score_responses(model, enc, examples, kv, batch_size=3)  # batches of mixed lengths
+    batch = collate_train(examples, tokenizer.pad_token_id)
+    with torch.no_grad():
+        want = (peft_loop.batch_loss(model, batch) / batch.n_targets).item()
+        plain = score_labels(model, enc, [e.body for e in examples], kv)
+    assert scores.n_tokens == batch.n_targets
+    assert scores.loss == pytest.approx(want, rel=1e-4)
+    assert scores.predicted == plain.argmax(dim=1).tolist()  # EOS columns leave the label scores alone
+    assert scores.accuracy([e.label_index for e in examples]) == pytest.approx(
+        sum(p == e.label_index for p, e in zip(scores.predicted, examples)) / len(examples))
 
 
 # -- the loop ---------------------------------------------------------------------------------------

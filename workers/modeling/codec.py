@@ -9,7 +9,7 @@ tokenizers would otherwise add a word-start marker that the prompt's newline doe
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 from workers.modeling.prompts import split_prompt
@@ -49,6 +49,58 @@ class Example:
         return self.input_ids[self.prefix_len:self.prompt_len]
 
 
+@dataclass(frozen=True)
+class ScorePlan:
+    """Where score mode reads each label's token log-probabilities (see `score_plan`).
+
+    Attributes:
+        branches: per label, the tokens appended after the prompt (each seeing the prompt and itself).
+        term_pos: per scored term, its position among the gathered ones (0: the last prompt token,
+            then the branch tokens in order).
+        term_tok: the token whose log-probability the term reads.
+        term_label: which sum the term adds to: label b, or with EOS, n_labels + b for label b's EOS.
+    """
+
+    branches: list[list[int]]
+    term_pos: list[int]
+    term_tok: list[int]
+    term_label: list[int]
+
+    @property
+    def branch_len(self) -> int:
+        return sum(len(b) for b in self.branches)
+
+
+def score_plan(label_ids: Sequence[Sequence[int]], eos_id: int | None = None) -> ScorePlan:
+    """The scoring gather plan of labels of tokens `label_ids`.
+
+    A label of k tokens t0..t(k-1) contributes a branch of t0..t(k-2): t0 is predicted at the last prompt
+    token, t(j) at its branch's token j-1. With `eos_id`, the branch holds all k tokens and one more term
+    reads EOS at its last token: the label's whole training response (label + EOS), for a validation loss
+    from the scoring forward itself.
+    """
+    n = len(label_ids)
+    branches, pos, tok, lab = [], [], [], []
+    offset = 1  # gathered position 0 is the last prompt token
+    for li, ids in enumerate(label_ids):
+        ids = list(ids)
+        branch = ids if eos_id is not None else ids[:-1]
+        pos.append(0)
+        tok.append(ids[0])
+        lab.append(li)
+        for j in range(1, len(ids)):
+            pos.append(offset + j - 1)
+            tok.append(ids[j])
+            lab.append(li)
+        if eos_id is not None:
+            pos.append(offset + len(ids) - 1)
+            tok.append(eos_id)
+            lab.append(n + li)
+        branches.append(branch)
+        offset += len(branch)
+    return ScorePlan(branches=branches, term_pos=pos, term_tok=tok, term_label=lab)
+
+
 @dataclass
 class PromptCodec:
     """Token ids shared by every item of a job, and the encoders built on them.
@@ -59,7 +111,7 @@ class PromptCodec:
         prefix_ids: the shared prompt prefix (template header + instruction), with any BOS.
         tail_ids: the template's tail as it follows an article.
         label_ids: each label's tokens as they follow the prompt.
-        branch_len, term_pos, term_tok, term_label: the scoring gather plan (see `_label_terms`).
+        plan: score mode's gather plan of the labels (`score_plan`); `eos_plan` adds each label's EOS.
     """
 
     tokenizer: Any
@@ -72,10 +124,8 @@ class PromptCodec:
     tail_ids: list[int]
     label_ids: list[list[int]]
     eos_id: int | None
-    branch_len: int = 0
-    term_pos: list[int] = field(default_factory=list)
-    term_tok: list[int] = field(default_factory=list)
-    term_label: list[int] = field(default_factory=list)
+    plan: ScorePlan | None = None
+    eos_plan: ScorePlan | None = None
 
     @classmethod
     def build(cls, tokenizer: Any, *, template: str, instruction: str, label_names: Sequence[str]) -> "PromptCodec":
@@ -102,11 +152,11 @@ class PromptCodec:
             if not ids:
                 raise LabelTokensError(f"label {name!r} tokenizes to nothing: rename it in the prep job")
             label_ids.append(ids)
-        codec = cls(tokenizer=tokenizer, template=template, instruction=instruction, label_names=names,
-                    prefix_text=prefix, tail_text=tail, prefix_ids=prefix_ids, tail_ids=tail_ids,
-                    label_ids=label_ids, eos_id=tokenizer.eos_token_id)
-        codec._label_terms()
-        return codec
+        eos_id = tokenizer.eos_token_id
+        return cls(tokenizer=tokenizer, template=template, instruction=instruction, label_names=names,
+                   prefix_text=prefix, tail_text=tail, prefix_ids=prefix_ids, tail_ids=tail_ids,
+                   label_ids=label_ids, eos_id=eos_id, plan=score_plan(label_ids),
+                   eos_plan=score_plan(label_ids, eos_id) if eos_id is not None else None)
 
     # ------------------------------------------------------------------ labels
 
@@ -123,26 +173,10 @@ class PromptCodec:
                         f"label {self.label_names[i]!r}'s tokens are a prefix of {self.label_names[j]!r}'s, so "
                         f"score mode would never prefer the longer one; rename a label or use mode='generate'")
 
-    def _label_terms(self) -> None:
-        """Where each label token's log-probability is read in the gathered logits.
-
-        The scored positions are [last prompt token] + the branch tokens. A label of k tokens t0..t(k-1)
-        contributes a branch of t0..t(k-2) (appended after the prompt, seeing only the prompt and itself):
-        t0 is predicted at the last prompt token, t(j) at its branch's token j-1.
-        """
-        pos, tok, lab = [], [], []
-        offset = 1  # gathered position 0 is the last prompt token
-        for li, ids in enumerate(self.label_ids):
-            pos.append(0)
-            tok.append(ids[0])
-            lab.append(li)
-            for j in range(1, len(ids)):
-                pos.append(offset + j - 1)
-                tok.append(ids[j])
-                lab.append(li)
-            offset += len(ids) - 1
-        self.branch_len = offset - 1
-        self.term_pos, self.term_tok, self.term_label = pos, tok, lab
+    @property
+    def branch_len(self) -> int:
+        """Tokens score mode appends after each prompt (the label branches)."""
+        return self.plan.branch_len
 
     @property
     def tail_len(self) -> int:

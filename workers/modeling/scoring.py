@@ -8,6 +8,7 @@ call `score_labels`, so validation accuracy and a classify job's accuracy are on
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -18,7 +19,8 @@ from workers.modeling.forward import (cache_kwarg, decoder_of, expanded_cache, l
 
 
 def score_labels(model: Any, codec: PromptCodec, seqs: Sequence[Sequence[int]], prefix_kv: tuple | None, *,
-                 pad_id: int | None = None, weights: Any = None) -> torch.Tensor:
+                 pad_id: int | None = None, weights: Any = None,
+                 with_eos: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Log-likelihood of every label's token sequence after each item's prompt, one forward pass.
 
     Args:
@@ -27,19 +29,25 @@ def score_labels(model: Any, codec: PromptCodec, seqs: Sequence[Sequence[int]], 
         prefix_kv: the shared prefix's per-layer KV (`forward.prefix_kv`), or None.
         weights: a LoRA model's merged weights (`lora_forward.merged_weights`): the lean forward runs on them.
 
+        with_eos: also read log p(EOS | prompt, label) for every label (the rest of a training response),
+            in the same forward: a few more branch columns.
+
     Returns:
         float32 tensor (batch, n_labels) on the CPU: sum over each label's tokens of
-        log p(token | prompt, earlier tokens).
+        log p(token | prompt, earlier tokens); with `with_eos`, (that, the EOS terms (batch, n_labels)).
     """
     decoder, head = decoder_of(model), lm_head_of(model)
     device = head.weight.device
     pad_id = codec.tokenizer.pad_token_id if pad_id is None else pad_id
     B = len(seqs)
     P = len(codec.prefix_ids) if prefix_kv is not None else 0
-    Bt = codec.branch_len
+    plan = codec.eos_plan if with_eos else codec.plan
+    if plan is None:
+        raise ValueError("the tokenizer has no EOS token: with_eos scoring needs one")
+    Bt = plan.branch_len
     # Rows are left-padded so that every item's last prompt token sits in column S-1 and the
     # label branches (identical for all items) in columns S..Q-1.
-    ids, lens, S = left_padded(seqs, [t for lab in codec.label_ids for t in lab[:-1]], pad_id, device)
+    ids, lens, S = left_padded(seqs, [t for branch in plan.branches for t in branch], pad_id, device)
     Q = S + Bt
 
     col = torch.arange(Q, device=device)
@@ -49,8 +57,8 @@ def score_labels(model: Any, codec: PromptCodec, seqs: Sequence[Sequence[int]], 
     branch_of = torch.full((Q,), -1, device=device, dtype=torch.long)
     branch_step = torch.zeros(Q, device=device, dtype=torch.long)
     c = S
-    for b, lab in enumerate(codec.label_ids):
-        n = len(lab) - 1
+    for b, branch in enumerate(plan.branches):
+        n = len(branch)
         branch_of[c:c + n] = b
         branch_step[c:c + n] = torch.arange(n, device=device)
         c += n
@@ -81,14 +89,53 @@ def score_labels(model: Any, codec: PromptCodec, seqs: Sequence[Sequence[int]], 
         # of 16 on SmolLM2, 2 CPU cores, against 0.03 s).
         needed = hidden[:, S - 1:].contiguous()
         logp = torch.log_softmax(head(needed).float(), dim=-1)  # (B, 1 + Bt, V)
-        terms = logp[:, torch.tensor(codec.term_pos, device=device),
-                     torch.tensor(codec.term_tok, device=device)]  # (B, n_terms)
-        loglik = torch.zeros(B, len(codec.label_ids), device=device)
-        loglik.index_add_(1, torch.tensor(codec.term_label, device=device), terms)  # (B, n_labels)
-    return loglik.cpu()
+        terms = logp[:, torch.tensor(plan.term_pos, device=device),
+                     torch.tensor(plan.term_tok, device=device)]  # (B, n_terms)
+        n_labels = len(codec.label_ids)
+        sums = torch.zeros(B, 2 * n_labels if with_eos else n_labels, device=device)
+        sums.index_add_(1, torch.tensor(plan.term_label, device=device), terms)  # (B, n_labels[ * 2])
+    sums = sums.cpu()
+    return (sums[:, :n_labels], sums[:, n_labels:]) if with_eos else sums
 
 
 def softmax_probs(loglik_row: torch.Tensor, label_names: Sequence[str]) -> dict[str, float]:
     """The label distribution of one row of `score_labels` (normalised over the labels only)."""
     p = torch.softmax(loglik_row, dim=-1)
     return {name: float(v) for name, v in zip(label_names, p)}
+
+
+@dataclass
+class ResponseScores:
+    """Label scoring of labelled examples: each one's predicted label, and the loss of its gold response."""
+
+    predicted: list[int]  # per example, in the order given: the label index scoring highest
+    nll: float  # - sum of log p over the gold responses' tokens (label + EOS)
+    n_tokens: int  # those tokens
+
+    @property
+    def loss(self) -> float:
+        """Mean loss per response token: a training loss over the response (label + EOS)."""
+        return self.nll / max(1, self.n_tokens)
+
+    def accuracy(self, gold: Sequence[int]) -> float:
+        return sum(p == g for p, g in zip(self.predicted, gold)) / max(1, len(gold))
+
+
+def score_responses(model: Any, codec: PromptCodec, examples: Sequence[Any], prefix_kv: tuple | None, *,
+                    weights: Any = None, pad_id: int | None = None, batch_size: int = 16) -> ResponseScores:
+    """Predictions and gold-response loss of examples (`codec.Example`s: `.body`, `.label_index`) from one
+    scoring forward each: the loss reads the gold label's tokens and its EOS where score mode reads every
+    label's, so validation needs no second pass. Batches run shortest first (less padding)."""
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].body))
+    predicted = [0] * len(examples)
+    nll, n_tokens = 0.0, 0
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        loglik, eos = score_labels(model, codec, [examples[i].body for i in idx], prefix_kv, pad_id=pad_id,
+                                   weights=weights, with_eos=True)
+        for row, i in enumerate(idx):
+            gold = examples[i].label_index
+            predicted[i] = int(loglik[row].argmax())
+            nll -= float(loglik[row, gold] + eos[row, gold])
+            n_tokens += len(codec.label_ids[gold]) + 1
+    return ResponseScores(predicted=predicted, nll=nll, n_tokens=n_tokens)

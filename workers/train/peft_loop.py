@@ -38,7 +38,7 @@ from core.contracts.metrics import METRICS_FILE, MetricsRow, append_metrics, tru
 from workers.modeling.codec import IGNORE, Example, PromptCodec
 from workers.modeling.forward import lm_head_of, prefix_kv, shared_prefix_hidden
 from workers.modeling.lora_forward import lora_forward_ok, lora_shared_prefix_hidden, merged_weights
-from workers.modeling.scoring import score_labels
+from workers.modeling.scoring import ResponseScores, score_responses
 from workers.train.data import PreparedDataset, TrainBatch, collate_train, length_bucketed_batches, load_prepared
 
 ADAPTER_META = AdapterMeta.FILE_NAME
@@ -433,46 +433,30 @@ class PeftLoraTrainer:
 
     @torch.no_grad()
     def evaluate(self, examples: Sequence[Example], batch_size: int = 16) -> tuple[float, float]:
-        """(mean loss per target token, label-scoring accuracy) over examples."""
-        self.model.eval()
-        loss_sum, n_targets = 0.0, 0
-        order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
-        try:
-            for s in range(0, len(order), batch_size):
-                chunk = [examples[i] for i in order[s:s + batch_size]]
-                with self._compute():
-                    tb = self._to_device(collate_train(chunk, self.tokenizer.pad_token_id))
-                    loss_sum += batch_loss(self.model, tb, lean=self.lean).item()
-                    n_targets += tb.n_targets
-            predicted = self.predict(examples, batch_size=batch_size)
-        finally:
-            self.model.train()
-        correct = sum(p == e.label_index for p, e in zip(predicted, examples))
-        return loss_sum / max(1, n_targets), correct / len(examples)
+        """(mean loss per response token (label + EOS), label-scoring accuracy) over examples, from one
+        scoring forward (`score_responses`): the classifier's own scoring, so validation accuracy is a
+        classify job's accuracy."""
+        scores = self._score(examples, batch_size)
+        return scores.loss, scores.accuracy([e.label_index for e in examples])
 
     @torch.no_grad()
     def predict(self, examples: Sequence[Example], batch_size: int = 16) -> list[int]:
-        """The label index each example's prompt scores highest, through the classifier's own scoring
-        (`workers.modeling.scoring.score_labels`), so validation accuracy is a classify job's accuracy."""
+        """The label index each example's prompt scores highest (`score_responses`)."""
+        return self._score(examples, batch_size).predicted
+
+    def _score(self, examples: Sequence[Example], batch_size: int) -> ResponseScores:
         was_training = self.model.training
         self.model.eval()
-        out: list[int] = [0] * len(examples)
-        order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
         try:
             with self._compute():
                 kv = prefix_kv(self.model, self.encoder.prefix_ids)
                 # With the lean forward: score on the weights merged aside, as a classify job scores a merged
                 # adapter, in its lean forward (several times faster than PEFT's layers here)
                 weights = merged_weights(self.model) if self.lean else None
-                for s in range(0, len(order), batch_size):
-                    idx = order[s:s + batch_size]
-                    scores = score_labels(self.model, self.encoder, [examples[i].body for i in idx], kv,
-                                          weights=weights)
-                    for i, p in zip(idx, scores.argmax(dim=1).tolist()):
-                        out[i] = p
+                return score_responses(self.model, self.encoder, examples, kv, weights=weights,
+                                       batch_size=batch_size)
         finally:
             self.model.train(was_training)
-        return out
 
     def _maybe_checkpoint(self) -> None:
         if self.step % self.spec.save_every == 0:

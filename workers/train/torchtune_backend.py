@@ -855,7 +855,7 @@ def write_token_file(path: Path, examples: list[Example], order: list[int]) -> P
 def validate_adapter(model_dir: Path, adapter_dir: Path, examples: list[Example], encoder: PromptCodec, *,
                      spec: TrainSpec, device: str, pad_id: int, step: int, batch_size: int = 16) -> dict[str, Any]:
     """Score the validation examples with the exported adapter loaded by plain PEFT, as the PEFT loop
-    scores them: mean loss per target token and label-scoring accuracy.
+    scores them (`score_responses`): mean loss per response token (label + EOS) and label-scoring accuracy.
 
     Returns:
         {"step", "val_loss", "val_accuracy", "val_items", "eval_s"}
@@ -866,16 +866,12 @@ def validate_adapter(model_dir: Path, adapter_dir: Path, examples: list[Example]
 
     from workers.models import pick_dtype
     from workers.modeling.forward import prefix_kv
-    from workers.modeling.scoring import score_labels
-    from workers.train.data import collate_train
-    from workers.train.peft_loop import batch_loss
+    from workers.modeling.scoring import score_responses
 
     started = time.perf_counter()
     dtype = pick_dtype(spec.dtype if spec.dtype != "fp16" else "auto", device)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     model = PeftModel.from_pretrained(base, adapter_dir).to(device).eval()
-    loss_sum, n_targets, correct = 0.0, 0, 0
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.no_grad())
         if dtype != torch.float32:
@@ -885,24 +881,10 @@ def validate_adapter(model_dir: Path, adapter_dir: Path, examples: list[Example]
             stack.enter_context(disable_input_dtype_casting(model))
             stack.enter_context(torch.autocast(torch.device(device).type, dtype=dtype))
         kv = prefix_kv(model, encoder.prefix_ids)
-        for s in range(0, len(order), batch_size):
-            chunk = [examples[i] for i in order[s:s + batch_size]]
-            tb = _to_device(collate_train(chunk, pad_id), device)
-            loss_sum += batch_loss(model, tb).item()
-            n_targets += tb.n_targets
-            scores = score_labels(model, encoder, [e.body for e in chunk], kv, pad_id=pad_id)
-            correct += sum(int(p) == e.label_index for p, e in zip(scores.argmax(dim=1), chunk))
-    return {"step": step, "val_loss": round(loss_sum / max(1, n_targets), 5),
-            "val_accuracy": round(correct / len(examples), 5), "val_items": len(examples),
-            "eval_s": round(time.perf_counter() - started, 2)}
-
-
-def _to_device(batch: Any, device: str) -> Any:
-    import torch
-    for name, value in vars(batch).items():
-        if isinstance(value, torch.Tensor):
-            setattr(batch, name, value.to(device))
-    return batch
+        scores = score_responses(model, encoder, examples, kv, pad_id=pad_id, batch_size=batch_size)
+    return {"step": step, "val_loss": round(scores.loss, 5),
+            "val_accuracy": round(scores.accuracy([e.label_index for e in examples]), 5),
+            "val_items": len(examples), "eval_s": round(time.perf_counter() - started, 2)}
 
 
 def _metrics_row(row: dict[str, Any]) -> dict[str, Any]:
