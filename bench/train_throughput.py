@@ -44,7 +44,10 @@ FLOPs of the work executed (padding excluded, so never more than was computed; `
 `fraction_of_bf16_peak` divides the executed FLOPs a second by a measured bf16 matmul peak (the fastest
 single 1024^3 or 2048^3 matmul, before and after the run); it cannot exceed 1 unless the peak is measured low.
 `decoder_matmul_ceiling` times the decoder's frozen matmuls alone at a step's token count: the part of
-that peak the model's own shapes reach on this machine, a ceiling for any loop.
+that peak the model's own shapes reach on this machine, a ceiling for any loop. Where the machine's
+matmul rate itself moves (an Intel AMX machine of 2026-12-06 measured 0.65 to 2.2 TFLOP/s within minutes),
+`rounds` holds, per round, newslora's executed GFLOP/s beside the bf16 peak and that ceiling measured
+right after the round's steps: `fraction_of_round_peak` compares work and peak of the same minutes.
 
 Prints the load average at the start and the end (stderr), then one JSON object (stdout).
 """
@@ -193,7 +196,7 @@ class FlopModel:
         groups = [("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",)]
         targets = set(shapes) if list(lora.target_modules) == ["all-linear"] else set(lora.target_modules)
         n_layers, r = c.num_hidden_layers, lora.rank
-        lowest = n_layers - (lora.top_layers or n_layers)
+        lowest = min(lora.adapted_layers(n_layers) or [0])  # the trainer's own range of adapted layers
         lin_f = lin_b = lo_f = lo_b = attn_b = 0
         for layer in range(n_layers):
             grad_in = layer > lowest  # the residual stream needs a gradient above the lowest adapted layer
@@ -363,13 +366,18 @@ def main() -> None:
         tt_info: dict[str, Any] = {}
         lengths = [len(e.input_ids) for e in examples]
         mean_keys = sum(n * (n + 1) / 2 for n in lengths) / sum(lengths)
+        rounds: list[dict[str, Any]] = []
         for r in range(args.rounds):
+            round_work, round_seconds = Work(), 0.0  # newslora's steps of this round
             for _ in range(args.steps_per_round):
                 for name, loop in loops.items():
                     work, seconds = loop.step()
                     acc[name][0] += work
                     acc[name][1] += seconds
                     acc[name][2] += 1
+                    if name == "newslora":
+                        round_work += work
+                        round_seconds += seconds
             if args.with_torchtune and args.top_layers:
                 tt_info = {"error": "not run: the torchtune backend adapts every layer (--top-layers)"}
             if args.with_torchtune and "error" not in tt_info:
@@ -382,6 +390,12 @@ def main() -> None:
                     tt_info = {**info, "startup_s": tt_info.get("startup_s", []) + [info["startup_s"]]}
                 except Exception as e:  # noqa: BLE001 - report why the figure is missing, keep the others
                     tt_info = {"error": f"{type(e).__name__}: {e}"}
+            # This CPU's bf16 matmul rate moves between rounds (an AMX machine of 2026-12-06: 0.65-2.2 TFLOP/s
+            # within minutes), so the round's own peak and matmul ceiling are measured beside its steps
+            step_tokens = round(round_work.executed_tokens / args.steps_per_round)
+            rounds.append({"newslora_work": round_work, "newslora_seconds": round_seconds,
+                           "bf16_peak": matmul_gflops(torch.bfloat16, reps=6),
+                           "ceiling": shape_ceiling_gflops(model_dir, step_tokens, reps=2)})
             print(f"round {r + 1} of {args.rounds} done: " + ", ".join(
                 f"{n} {a[0].data_tokens / a[1]:.0f} tokens/s" for n, a in acc.items() if a[1]), file=sys.stderr)
         fm = FlopModel.of(model_dir, spec.lora)
@@ -425,6 +439,12 @@ def main() -> None:
         # token count, bf16, nothing else: the fastest any loop could run the bulk of this work here
         "decoder_matmul_ceiling": {"tokens": round(exec_tokens), "gflops": round(ceiling, 1),
                                    "fraction_of_bf16_peak": round(ceiling / best["bfloat16"], 3)},
+        # per round: newslora's executed GFLOP/s against the bf16 peak and the decoder's matmul ceiling
+        # measured right after that round's steps (the fairer fraction where the peak itself moves)
+        "rounds": [{"newslora_gflops": round(g := fm.flops(x["newslora_work"]) / x["newslora_seconds"] / 1e9, 1),
+                    "bf16_peak_gflops": round(x["bf16_peak"], 1), "ceiling_gflops": round(x["ceiling"], 1),
+                    "fraction_of_round_peak": round(g / x["bf16_peak"], 3),
+                    "fraction_of_round_ceiling": round(g / x["ceiling"], 3)} for x in rounds],
         "backends": timed,
         "newslora_speedup_over_naive_fp32": speedup("naive_fp32"),
         "newslora_speedup_over_naive_bf16": speedup("naive_bf16"),
