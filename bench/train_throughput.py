@@ -42,11 +42,12 @@ FLOPs of the work executed (padding excluded, so never more than was computed; `
   every real position for the naive loops and torchtune (the HF forward computes all logits).
 `--top-layers N` adapts only the top N layers in every backend that can (a shorter backward).
 `fraction_of_bf16_peak` divides the executed FLOPs a second by a measured bf16 matmul peak (the fastest
-single 1024^3 or 2048^3 matmul, before and after the run); it cannot exceed 1 unless the peak is measured low.
+single 1024^3 or 2048^3 matmul, before, between the rounds of and after the run); it cannot exceed 1 unless
+the peak is measured low.
 `decoder_matmul_ceiling` times the decoder's frozen matmuls alone at a step's token count: the part of
 that peak the model's own shapes reach on this machine, a ceiling for any loop. Where the machine's
 matmul rate itself moves (an Intel AMX machine of 2026-12-06 measured 0.65 to 2.2 TFLOP/s within minutes),
-`rounds` holds, per round, newslora's executed GFLOP/s beside the bf16 peak and that ceiling measured
+`per_round` holds, per round, newslora's executed GFLOP/s beside the bf16 peak and that ceiling measured
 right after the round's steps: `fraction_of_round_peak` compares work and peak of the same minutes.
 
 Prints the load average at the start and the end (stderr), then one JSON object (stdout).
@@ -407,7 +408,8 @@ def main() -> None:
         del loops, trainer
     ceiling = shape_ceiling_gflops(model_dir, round(exec_tokens))
     peaks_after = {"bfloat16": matmul_gflops(torch.bfloat16), "float32": matmul_gflops(torch.float32)}
-    best = {k: max(peaks[k], peaks_after[k]) for k in peaks}  # a peak: the best measurement
+    best = {k: max(peaks[k], peaks_after[k]) for k in peaks}  # a peak: the best measurement, the rounds' too
+    best["bfloat16"] = max([best["bfloat16"]] + [x["bf16_peak"] for x in rounds])
     for name in names:
         if name == "torchtune" and "error" in tt_info:
             timed[name] = {"error": tt_info["error"]}
@@ -432,7 +434,8 @@ def main() -> None:
         "load_average_before": load_before, "load_average_after": load_after,
         "matmul_peak_gflops": {"bfloat16": round(best["bfloat16"], 1), "float32": round(best["float32"], 1),
                                "before": {k: round(v, 1) for k, v in peaks.items()},
-                               "after": {k: round(v, 1) for k, v in peaks_after.items()}},
+                               "after": {k: round(v, 1) for k, v in peaks_after.items()},
+                               "rounds_bfloat16": [round(x["bf16_peak"], 1) for x in rounds]},
         "flop_model": asdict(fm),
         "newslora_lean_forward": lean_used,
         # the decoder's own frozen matmuls (forward and activation gradient) at a newslora step's executed
@@ -441,7 +444,7 @@ def main() -> None:
                                    "fraction_of_bf16_peak": round(ceiling / best["bfloat16"], 3)},
         # per round: newslora's executed GFLOP/s against the bf16 peak and the decoder's matmul ceiling
         # measured right after that round's steps (the fairer fraction where the peak itself moves)
-        "rounds": [{"newslora_gflops": round(g := fm.flops(x["newslora_work"]) / x["newslora_seconds"] / 1e9, 1),
+        "per_round": [{"newslora_gflops": round(g := fm.flops(x["newslora_work"]) / x["newslora_seconds"] / 1e9, 1),
                     "bf16_peak_gflops": round(x["bf16_peak"], 1), "ceiling_gflops": round(x["ceiling"], 1),
                     "fraction_of_round_peak": round(g / x["bf16_peak"], 3),
                     "fraction_of_round_ceiling": round(g / x["ceiling"], 3)} for x in rounds],

@@ -60,11 +60,13 @@ class TrainSpec(Spec):
     max_seq_len: int = Field(default=160, ge=16, description="prompt + label + EOS tokens; the article is cut "
                              "to fit, never the template or the label (AG News alpaca prompts: p95 ~157)")
     max_train_samples: int | None = Field(default=None, ge=1)
-    train_on_input: bool = False
+    train_on_input: bool = Field(default=False, description="also train on the prompt's tokens (the loss "
+                                 "then covers them too); validation loss is always the response's (label + EOS)")
     seed: int = 0
     dtype: Literal["auto", "bf16", "fp32", "fp16"] = "auto"
     device: str = "auto"
-    eval_every: int = Field(default=100, ge=1, description="validation loss/accuracy every N optimizer steps")
+    eval_every: int = Field(default=100, ge=1, description="validation every N optimizer steps: one scoring "
+                            "pass gives the accuracy and the loss per response token (label + EOS)")
     val_samples: int = Field(default=128, ge=1, description="validation records used for val loss/accuracy")
     save_every: int = Field(default=100, ge=1, description="checkpoint every N optimizer steps")
     early_stopping_patience: int | None = Field(default=None, ge=1,
