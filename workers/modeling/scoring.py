@@ -28,7 +28,6 @@ def score_labels(model: Any, codec: PromptCodec, seqs: Sequence[Sequence[int]], 
         seqs: per-item prompt tokens after the shared prefix (the whole prompt when `prefix_kv` is None).
         prefix_kv: the shared prefix's per-layer KV (`forward.prefix_kv`), or None.
         weights: a LoRA model's merged weights (`lora_forward.merged_weights`): the lean forward runs on them.
-
         with_eos: also read log p(EOS | prompt, label) for every label (the rest of a training response),
             in the same forward: a few more branch columns.
 
