@@ -1,6 +1,7 @@
 """LoRA training (workers/train): encoding, the shared-prefix forward, the loop, resume, bad input."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -170,8 +171,11 @@ def test_validation_loss_from_the_scoring_forward_equals_the_training_loss(tiny_
     assert scores.n_tokens == batch.n_targets
     assert scores.loss == pytest.approx(want, rel=1e-4)
     assert scores.predicted == plain.argmax(dim=1).tolist()  # EOS columns leave the label scores alone
-    assert scores.accuracy([e.label_index for e in examples]) == pytest.approx(
+    assert scores.accuracy == pytest.approx(
         sum(p == e.label_index for p, e in zip(scores.predicted, examples)) / len(examples))
+    # A tokenizer without an EOS token has no EOS plan: a clear error, not a wrong loss
+    with pytest.raises(ValueError, match="no EOS token"):
+        score_responses(model, dataclasses.replace(enc, eos_plan=None), examples, kv)
 
 
 # -- the loop ---------------------------------------------------------------------------------------

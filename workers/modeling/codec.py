@@ -124,8 +124,8 @@ class PromptCodec:
     tail_ids: list[int]
     label_ids: list[list[int]]
     eos_id: int | None
-    plan: ScorePlan | None = None
-    eos_plan: ScorePlan | None = None
+    plan: ScorePlan
+    eos_plan: ScorePlan | None = None  # None where the tokenizer has no EOS token
 
     @classmethod
     def build(cls, tokenizer: Any, *, template: str, instruction: str, label_names: Sequence[str]) -> "PromptCodec":

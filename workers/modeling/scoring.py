@@ -108,6 +108,7 @@ class ResponseScores:
     """Label scoring of labelled examples: each one's predicted label, and the loss of its gold response."""
 
     predicted: list[int]  # per example, in the order given: the label index scoring highest
+    n_correct: int  # examples whose predicted label is their gold label
     nll: float  # - sum of log p over the gold responses' tokens (label + EOS)
     n_tokens: int  # those tokens
 
@@ -116,8 +117,9 @@ class ResponseScores:
         """Mean loss per response token: a training loss over the response (label + EOS)."""
         return self.nll / max(1, self.n_tokens)
 
-    def accuracy(self, gold: Sequence[int]) -> float:
-        return sum(p == g for p, g in zip(self.predicted, gold)) / max(1, len(gold))
+    @property
+    def accuracy(self) -> float:
+        return self.n_correct / max(1, len(self.predicted))
 
 
 def score_responses(model: Any, codec: PromptCodec, examples: Sequence[Any], prefix_kv: tuple | None, *,
@@ -127,7 +129,7 @@ def score_responses(model: Any, codec: PromptCodec, examples: Sequence[Any], pre
     label's, so validation needs no second pass. Batches run shortest first (less padding)."""
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].body))
     predicted = [0] * len(examples)
-    nll, n_tokens = 0.0, 0
+    n_correct, nll, n_tokens = 0, 0.0, 0
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
         loglik, eos = score_labels(model, codec, [examples[i].body for i in idx], prefix_kv, pad_id=pad_id,
@@ -135,6 +137,7 @@ def score_responses(model: Any, codec: PromptCodec, examples: Sequence[Any], pre
         for row, i in enumerate(idx):
             gold = examples[i].label_index
             predicted[i] = int(loglik[row].argmax())
+            n_correct += predicted[i] == gold
             nll -= float(loglik[row, gold] + eos[row, gold])
             n_tokens += len(codec.label_ids[gold]) + 1
-    return ResponseScores(predicted=predicted, nll=nll, n_tokens=n_tokens)
+    return ResponseScores(predicted=predicted, n_correct=n_correct, nll=nll, n_tokens=n_tokens)

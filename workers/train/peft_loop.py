@@ -437,7 +437,7 @@ class PeftLoraTrainer:
         scoring forward (`score_responses`): the classifier's own scoring, so validation accuracy is a
         classify job's accuracy."""
         scores = self._score(examples, batch_size)
-        return scores.loss, scores.accuracy([e.label_index for e in examples])
+        return scores.loss, scores.accuracy
 
     @torch.no_grad()
     def predict(self, examples: Sequence[Example], batch_size: int = 16) -> list[int]:

@@ -883,7 +883,7 @@ def validate_adapter(model_dir: Path, adapter_dir: Path, examples: list[Example]
         kv = prefix_kv(model, encoder.prefix_ids)
         scores = score_responses(model, encoder, examples, kv, pad_id=pad_id, batch_size=batch_size)
     return {"step": step, "val_loss": round(scores.loss, 5),
-            "val_accuracy": round(scores.accuracy([e.label_index for e in examples]), 5),
+            "val_accuracy": round(scores.accuracy, 5),
             "val_items": len(examples), "eval_s": round(time.perf_counter() - started, 2)}
 
 
