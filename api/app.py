@@ -34,8 +34,8 @@ from db import jobs as jobq
 from db import results as resq
 from db.models import Job
 from db.session import init_db, session_scope
-from workers.specs import QUEUES, parse_spec
-from workers.version import code_version
+from core.specs import QUEUES, parse_spec
+from core.version import code_version
 
 log = logging.getLogger("newslora.api")
 

@@ -6,9 +6,9 @@ from typing import Annotated, Any, Literal, get_args
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
-from workers.specs import SPECS
+from core.specs import SPECS
 
-# The kinds of job there are: one per spec model in workers.specs.SPECS, the one list of them.
+# The kinds of job there are: one per spec model in core.specs.SPECS, the one list of them.
 JobKind = Literal[tuple(SPECS)]  # type: ignore[valid-type]
 # A job's life: queued -> running -> one of the last three (db.models.JOB_STATUSES).
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]

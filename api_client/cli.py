@@ -57,7 +57,7 @@ class _IntermixedParser(argparse.ArgumentParser):
 
 
 def _spec_model(kind: str | None):
-    from workers.specs import SPECS
+    from core.specs import SPECS
     return SPECS.get(kind or "")
 
 
@@ -69,7 +69,7 @@ def _print_usage_error(e: ConfigError) -> int:
 
 def _print_api_error(e: ApiError, kind: str | None) -> int:
     """An API error on stderr: a 422's validation errors one `field: message` line each, never raw JSON."""
-    from workers.specs.keys import error_lines
+    from core.specs.keys import error_lines
     status = f" (HTTP {e.status})" if e.status else ""
     if isinstance(e.detail, list) and all(isinstance(d, dict) for d in e.detail):
         for line in error_lines(e.detail, _spec_model(kind)):
@@ -393,11 +393,11 @@ def cmd_eval(args) -> int:
         raise SystemExit(f"newslora eval {args.action}: give an evaluation id")
     ev = client.evaluation(args.id)
     if args.action == "show":
-        from workers.report import render_table
+        from workers.evaluation.report import render_table
         print(render_table(ev["document"]))
         return 0
     if args.action == "report":
-        from workers.report import write_report
+        from workers.evaluation.report import write_report
         out = Path(args.out or Path.cwd() / f"newslora-eval-{args.id}")
         history = ev["document"].get("loss_history")
         path = write_report(ev["document"], out, loss_history=history)
@@ -421,7 +421,7 @@ def cmd_run(args) -> int:
         return EXIT_FAILED
     result = job.get("result") or {}
     if result.get("evaluation_id"):
-        from workers.report import render_table
+        from workers.evaluation.report import render_table
         ev = client.evaluation(result["evaluation_id"])
         print(render_table(ev["document"]))
         if ev.get("report_path"):

@@ -15,8 +15,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from workers.specs import PipelineSpec
-from workers.specs.keys import check_key, error_lines
+from core.specs import PipelineSpec
+from core.specs.keys import check_key, error_lines
 
 _VAR = re.compile(r"\$\{(\w+)\}")
 

@@ -8,7 +8,7 @@
 (a) reference_fp32: the reference project's method exactly as it ran: Alpaca prompt, HF `generate` (greedy,
     30 new tokens, repetition penalty 1.2), batch 8, fp32, the first label name found in the text.
 (b) reference_bf16: the same method with the model in bf16 (so the speed-up is not only a dtype change).
-(c) newslora_base: score mode (`workers.infer.classify_items`, as a classify job runs it: tokenization,
+(c) newslora_base: score mode (`workers.inference.classify.classify_items`, as a classify job runs it: tokenization,
     length-sorted batches, shared-prefix KV cache, label log-likelihoods), dtype auto (bf16 with AMX/AVX512-BF16).
 (d) newslora_adapter: the same with a LoRA adapter of the presets' shape (rank 16, alpha 32, all seven linear
     layers of configs/agnews-smollm2*.yaml; random weights unless --adapter), served merged.
@@ -80,10 +80,10 @@ def reference_method(model, tok, items: list[dict], *, batch_size: int = 8) -> d
 
 def newslora_score(engine, items: list[dict], *, adapter, batch_size: int) -> dict:
     """Score mode as a classify job runs it (prompt from the adapter where given)."""
-    from workers.context import LocalContext
-    from workers.infer import classify_items
+    from core.context import LocalContext
+    from workers.inference.classify import classify_items
     from workers.modeling.prompts import default_instruction
-    from workers.specs.classify import ClassifySpec
+    from core.specs.classify import ClassifySpec
     spec = ClassifySpec(items=items, batch_size=batch_size, mode="score")
     t0 = time.perf_counter()
     summary = classify_items(items, engine=engine, model_ref=engine.model_ref, adapter=adapter, label_names=LABELS,
@@ -99,7 +99,7 @@ def random_preset_adapter(model_dir: Path, out: Path, *, seed: int = 0, std: flo
 
     from core.contracts.adapter import AdapterMeta
     from workers.modeling.prompts import default_instruction
-    from workers.models import model_digest
+    from workers.modeling.registry import model_digest
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model = get_peft_model(base, LoraConfig(r=PRESET_LORA["rank"], lora_alpha=PRESET_LORA["alpha"],
@@ -134,8 +134,8 @@ def main() -> None:
     ap.add_argument("--model-dir", type=Path, default=None, help="SmolLM2 checkpoint folder (default: the preset)")
     args = ap.parse_args()
     load_before = os.getloadavg()
-    from workers.infer import AdapterRef, get_engine
-    from workers.models import resolve_model
+    from workers.inference.classify import AdapterRef, get_engine
+    from workers.modeling.registry import resolve_model
     model_dir = args.model_dir or resolve_model("smollm2-135m")
     items = read_ag_news_test(AG_NEWS / "test.csv", args.n)
     n_ref = min(args.n_reference, len(items))

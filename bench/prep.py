@@ -26,11 +26,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from workers.context import LocalContext  # noqa: E402
-from workers.loaders import load_source  # noqa: E402
-from workers.prep import _NAMED, _full_lengths, clean_text, prepare_dataset, token_lengths  # noqa: E402
+from core.context import LocalContext  # noqa: E402
+from workers.data.loaders import load_source  # noqa: E402
+from workers.data.prep import _NAMED, _full_lengths, clean_text, prepare_dataset, token_lengths  # noqa: E402
 from workers.modeling.prompts import default_instruction, render_prompt  # noqa: E402
-from workers.specs.prep import AG_NEWS_LABELS, PrepSpec, SourceSpec  # noqa: E402
+from core.specs.prep import AG_NEWS_LABELS, PrepSpec, SourceSpec  # noqa: E402
 
 _SCAN = re.compile(r"(?:&| )?(#[0-9]{1,7};|#[xX][0-9a-fA-F]{1,6};|(?<![A-Za-z0-9])(?:" + "|".join(_NAMED) + r");)")
 
@@ -64,7 +64,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="runs of each micro-benchmark; the best is reported")
     args = ap.parse_args()
 
-    from workers.models import load_tokenizer, resolve_model
+    from workers.modeling.registry import load_tokenizer, resolve_model
     tok_ref = args.tokenizer or str(resolve_model("smollm2-135m"))
     tok = load_tokenizer(tok_ref)
 

@@ -71,10 +71,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from core.contracts.dataset import DatasetMeta  # noqa: E402
-from workers.context import LocalContext  # noqa: E402
-from workers.models import cpu_has_fast_bf16, pick_dtype, resolve_model  # noqa: E402
+from core.context import LocalContext  # noqa: E402
+from workers.modeling.registry import cpu_has_fast_bf16, pick_dtype, resolve_model  # noqa: E402
 from workers.modeling.prompts import default_instruction  # noqa: E402
-from workers.specs.train import TrainSpec  # noqa: E402
+from core.specs.train import TrainSpec  # noqa: E402
 from workers.train.peft_loop import PeftLoraTrainer  # noqa: E402
 
 LABELS = ["World", "Sports", "Business", "Sci/Tech"]

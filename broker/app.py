@@ -2,7 +2,7 @@
 
 Queues: `cpu` (data prep, judging, metrics, pipeline steps) and `gpu` (training, batched inference).
 JSON only on the wire (no pickle). Every task is acks_late with prefetch 1 and idempotent by job id:
-the job row's lease (see workers/runner.py) makes a second delivery harmless.
+the job row's lease (see workers/jobs/runner.py) makes a second delivery harmless.
 """
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from celery import Celery
 from kombu import Queue
 
 from core.settings import get_settings
-from workers.specs import QUEUES
+from core.specs import QUEUES
 
-# Task name per job kind; the queue comes from workers.specs.QUEUES.
+# Task name per job kind; the queue comes from core.specs.QUEUES.
 TASK_NAMES: dict[str, str] = {kind: f"newslora.{kind}" for kind in QUEUES}
 ADVANCE_PIPELINE = "newslora.advance_pipeline"
 ROUTES: dict[str, dict[str, str]] = {TASK_NAMES[k]: {"queue": q} for k, q in QUEUES.items()}
@@ -25,7 +25,7 @@ def create_app() -> Celery:
     s = get_settings()
     if s.resolved_broker_url.startswith(("redis://", "rediss://")) and s.redelivery_warning():
         logging.getLogger("newslora.broker").warning(s.redelivery_warning())
-    app = Celery("newslora", broker=s.resolved_broker_url, include=["workers.tasks"])
+    app = Celery("newslora", broker=s.resolved_broker_url, include=["workers.jobs.tasks"])
     app.conf.update(
         task_serializer="json",
         result_serializer="json",

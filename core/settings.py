@@ -46,7 +46,7 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(default=None, ge=1, alias="NEWSLORA_TORCH_THREADS")
     wait_retries: int = Field(default=30, alias="NEWSLORA_WAIT_RETRIES")
     # A classify job with more items than this becomes shard child jobs on the gpu queue, so that every gpu
-    # worker takes a part (workers/shards.py); a killed worker costs at most one shard's unsaved items.
+    # worker takes a part (workers/jobs/shards.py); a killed worker costs at most one shard's unsaved items.
     classify_shard_size: int = Field(default=4000, ge=1, alias="NEWSLORA_CLASSIFY_SHARD_SIZE")
     max_body_bytes: int = Field(default=50 * 1024 * 1024, alias="NEWSLORA_MAX_BODY_BYTES")
 

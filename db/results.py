@@ -43,7 +43,7 @@ def done_item_ids(job_id: int, *, session: Session) -> set[str]:
 
 def prediction_job_ids(job_id: int, *, session: Session) -> list[int]:
     """The job ids whose predictions are a job's: its own and, for a sharded classify job, its shards'
-    (workers/shards.py: shard children store their rows under their own ids)."""
+    (workers/jobs/shards.py: shard children store their rows under their own ids)."""
     if session.scalar(select(Job.kind).where(Job.id == job_id)) != "classify":
         return [job_id]
     return [job_id, *session.scalars(select(Job.id).where(Job.parent_id == job_id, Job.kind == "classify"))]

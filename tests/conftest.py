@@ -36,7 +36,7 @@ def newslora_home(tmp_path, monkeypatch) -> Path:
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The real SmolLM2-135M-Instruct as a safetensors checkpoint folder (converted from the GGUF once)."""
-    from workers.models import convert_gguf, is_checkpoint_dir, model_presets
+    from workers.modeling.registry import convert_gguf, is_checkpoint_dir, model_presets
     import importlib.util
     target = MODEL_CACHE / "smollm2-135m"
     if not is_checkpoint_dir(target):

@@ -170,7 +170,7 @@ def confidence(p: dict[str, Any]) -> float | None:
 @lru_cache(maxsize=8)
 def _file_texts(job_id: int, spec_json: str, dataset_path: str | None) -> dict[str, str]:
     from workers.inference.items import load_items
-    from workers.specs.classify import ClassifySpec
+    from core.specs.classify import ClassifySpec
     spec = ClassifySpec.model_validate_json(spec_json)
     items, _rejected = load_items(spec, Path(dataset_path) if dataset_path else None)
     return {str(it["id"]): it["text"] for it in items}
@@ -281,7 +281,7 @@ def side(ev: Evaluation, model: str | None, colour: str) -> Side:
 
 
 def compare(a: Side, b: Side, *, session: Session) -> Comparison:
-    from workers.evaluate import compare_models
+    from workers.evaluation.evaluate import compare_models
     classes = list(a.metrics.get("per_class") or {})
     classes += [c for c in (b.metrics.get("per_class") or {}) if c not in classes]
     rows = []
@@ -332,7 +332,7 @@ def report_html(ev: Evaluation) -> str:
     document when that file is gone (or was never written)."""
     import tempfile
 
-    from workers.report import write_report
+    from workers.evaluation.report import write_report
     if ev.report_path:
         path = Path(ev.report_path)
         if path.is_file():

@@ -158,7 +158,7 @@ def test_job_kinds_are_the_specs_and_the_task_names():
     from api.schemas import JobKind, JobStatus
     from broker.app import TASK_NAMES
     from db.models import JOB_STATUSES
-    from workers.specs import QUEUES, SPECS
+    from core.specs import QUEUES, SPECS
     assert set(get_args(JobKind)) == set(SPECS) == set(QUEUES) == set(TASK_NAMES)
     assert get_args(JobStatus) == JOB_STATUSES
 
@@ -180,7 +180,7 @@ def test_every_route_documents_its_error_statuses_and_bodies(api):
     assert any(p["name"] == "Idempotency-Key" and p["in"] == "header" for p in create["parameters"])
     kind = schema["components"]["schemas"]["JobCreate"]["properties"]["kind"]
     assert {"noop", "prep", "train", "classify", "judge", "evaluate", "pipeline"} <= set(kind["enum"])
-    from workers.specs import SPECS
+    from core.specs import SPECS
     assert set(kind["enum"]) == set(SPECS)
 
 

@@ -64,8 +64,8 @@ def seed_store(db_url: str) -> dict[str, int]:
     from db import jobs as jobq
     from db import results as resq
     from db.session import session_scope
-    from workers.evaluate import evaluate_runs
-    from workers.specs.evaluate import EvaluateSpec
+    from workers.evaluation.evaluate import evaluate_runs
+    from core.specs.evaluate import EvaluateSpec
 
     rng = random.Random(7)
     ids: dict[str, int] = {}
@@ -270,7 +270,7 @@ def test_compare_view_shows_both_evaluations_and_mcnemar(stack, page, shots):
     assert page.locator("table.per-class tbody tr").count() == len(LABELS)
     assert page.locator("svg.chart circle").count() == 4  # accuracy and macro-F1 of each side
 
-    from workers.evaluate import compare_models
+    from workers.evaluation.evaluate import compare_models
     preds = {k: stack.client().predictions(ids[k], limit=1000)["items"] for k in ("classify_a", "classify_b")}
     expected = compare_models(preds["classify_a"], preds["classify_b"], label_names=LABELS, bootstrap=0)
     text = page.inner_text("#mcnemar")

@@ -7,7 +7,7 @@ import pytest
 
 from api_client.pipeline_config import ConfigError, load_pipeline_config
 from tests.conftest import AG_NEWS_DIR, REPO
-from workers.specs import parse_spec
+from core.specs import parse_spec
 
 PIPELINES = sorted((REPO / "configs").glob("*.yaml"))
 MODELS = sorted((REPO / "configs" / "models").glob("*.yaml"))
@@ -38,7 +38,7 @@ def test_pipeline_preset_validates(path):
 
 
 def test_model_presets_load():
-    from workers.models import model_presets
+    from workers.modeling.registry import model_presets
     assert {"smollm2-135m", "llama2-7b"} <= set(model_presets())
 
 

@@ -303,8 +303,8 @@ ROW_VALUES = st.none() | st.booleans() | st.integers() | st.floats() | st.text(m
        suffix=st.sampled_from([".jsonl", ".csv", ".parquet", ".txt", ""]),
        data=st.binary(max_size=600) | st.text(max_size=600).map(lambda t: t.encode("utf-8", "surrogatepass")))
 def test_prep_readers_on_random_bytes_give_rows_or_a_prep_error(tmp_path_factory, fmt, suffix, data):
-    from workers.loaders import PrepError, load_source
-    from workers.specs.prep import SourceSpec
+    from workers.data.loaders import PrepError, load_source
+    from core.specs.prep import SourceSpec
     path = tmp_path_factory.mktemp("fuzz") / f"src{suffix}"
     path.write_bytes(data)
     try:
@@ -321,10 +321,10 @@ def test_prep_readers_on_random_bytes_give_rows_or_a_prep_error(tmp_path_factory
        junk_lines=st.lists(st.text(max_size=30), max_size=3),
        on_bad_rows=st.sampled_from(["fail", "skip"]))
 def test_prepare_dataset_on_random_rows_succeeds_or_says_why(tmp_path_factory, rows, junk_lines, on_bad_rows):
-    from workers.context import LocalContext
-    from workers.loaders import PrepError
-    from workers.prep import prepare_dataset
-    from workers.specs.prep import PrepSpec
+    from core.context import LocalContext
+    from workers.data.loaders import PrepError
+    from workers.data.prep import prepare_dataset
+    from core.specs.prep import PrepSpec
     d = tmp_path_factory.mktemp("fuzzprep")
     lines = [json.dumps(r) for r in rows] + junk_lines
     (d / "train.jsonl").write_text("\n".join(lines), encoding="utf-8", errors="surrogatepass")
@@ -345,7 +345,7 @@ def test_prepare_dataset_on_random_rows_succeeds_or_says_why(tmp_path_factory, r
        .map(lambda rs: "\n".join(json.dumps(r) for r in rs).encode()))
 def test_classify_input_files_give_items_or_a_clear_error(tmp_path_factory, suffix, data):
     from workers.inference.items import InputFileError, load_items
-    from workers.specs.classify import ClassifySpec
+    from core.specs.classify import ClassifySpec
     path = tmp_path_factory.mktemp("fuzzitems") / f"in{suffix}"
     path.write_bytes(data)
     try:

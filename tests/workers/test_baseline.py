@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from workers.baseline import (BASELINE_NAME, BaselineCorpus, BaselineUnavailable, baseline_predictions, fit_predict,
+from workers.evaluation.baseline import (BASELINE_NAME, BaselineCorpus, BaselineUnavailable, baseline_predictions, fit_predict,
                               load_corpus)
 
 SPORT = ["the striker scored a late goal", "the team won the cup final", "a goal in extra time won the match",
@@ -49,9 +49,9 @@ def test_unusable_data_is_a_clear_error():
 
 def test_on_the_shared_ag_news_articles(ag_news_dir, tmp_path):
     """Through a real prep artifact: fitted on the train split, scored on 4,000 official test articles."""
-    from workers.context import LocalContext
-    from workers.prep import prepare_dataset
-    from workers.specs.prep import PrepSpec, SourceSpec
+    from core.context import LocalContext
+    from workers.data.prep import prepare_dataset
+    from core.specs.prep import PrepSpec, SourceSpec
     spec = PrepSpec(train=SourceSpec(path=str(ag_news_dir / "train.jsonl")),
                     test=SourceSpec(path=str(ag_news_dir / "test.csv")), test_max_per_class=1000)
     prepare_dataset(spec, tmp_path / "ds", LocalContext(work_dir=tmp_path))

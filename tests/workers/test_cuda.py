@@ -11,10 +11,10 @@ pytestmark = [pytest.mark.cuda,
 
 
 def test_train_and_classify_on_cuda(tiny_model_dir, tmp_path, ag_news_dir):
-    from workers.context import LocalContext
-    from workers.infer import AdapterRef, classify_items, get_engine
-    from workers.prep import prepare_dataset
-    from workers.specs import ClassifySpec, PrepSpec, SourceSpec, TrainSpec
+    from core.context import LocalContext
+    from workers.inference.classify import AdapterRef, classify_items, get_engine
+    from workers.data.prep import prepare_dataset
+    from core.specs import ClassifySpec, PrepSpec, SourceSpec, TrainSpec
     from workers.train import train_adapter
 
     ds = tmp_path / "ds"

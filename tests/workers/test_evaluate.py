@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from workers.evaluate import (compare_models, compute_metrics, evaluate_runs, expected_calibration_error,
-                              mcnemar_test, wilson_interval)
-from workers.specs.evaluate import EvaluateSpec
+from core.stats import expected_calibration_error, mcnemar_test, wilson_interval
+from workers.evaluation.evaluate import compare_models, compute_metrics, evaluate_runs
+from core.specs.evaluate import EvaluateSpec
 
 LABELS = ["A", "B"]
 
@@ -226,7 +226,7 @@ def test_evaluate_runs_without_spec_and_softmax_rounding():
 
 
 def test_evaluate_runs_fits_the_classical_baseline_and_pairs_it_with_each_model():
-    from workers.baseline import BaselineCorpus
+    from workers.evaluation.baseline import BaselineCorpus
     corpus = BaselineCorpus(
         train_texts=["apple alpha", "alpha apple pie", "apple tree alpha", "banana beta", "beta banana split",
                      "banana boat beta"],
@@ -252,7 +252,7 @@ def test_evaluate_runs_fits_the_classical_baseline_and_pairs_it_with_each_model(
 
 
 def test_evaluate_runs_notes_a_missing_baseline(seven):
-    from workers.baseline import BaselineCorpus
+    from workers.evaluation.baseline import BaselineCorpus
     ev = evaluate_runs({"base": seven}, LABELS)
     assert ev["baseline"] is None and any("no classical baseline" in m for m in ev["missing"])
     other = BaselineCorpus(train_texts=["a", "b"], train_labels=["A", "B"], items={"x": ("a", "A")}, source="elsewhere")
@@ -264,10 +264,10 @@ def test_evaluate_runs_notes_a_missing_baseline(seven):
 def test_the_evaluate_stage_fits_the_baseline_on_the_prepared_train_split(ag_news_dir, tmp_path):
     """run_evaluation (what the evaluate job calls) on a real prep artifact: the baseline is fitted on its
     train split, scored on the classified test items, and the document passes its contract."""
-    from workers.context import LocalContext
-    from workers.evaluate import EvaluationInputs, run_evaluation
-    from workers.prep import load_records, prepare_dataset, read_meta
-    from workers.specs.prep import PrepSpec, SourceSpec
+    from core.context import LocalContext
+    from workers.evaluation.evaluate import EvaluationInputs, run_evaluation
+    from workers.data.prep import load_records, prepare_dataset, read_meta
+    from core.specs.prep import PrepSpec, SourceSpec
     spec = PrepSpec(train=SourceSpec(path=str(ag_news_dir / "train.jsonl")),
                     test=SourceSpec(path=str(ag_news_dir / "test.csv")), max_per_class=150, test_max_per_class=10)
     ctx = LocalContext(work_dir=tmp_path)

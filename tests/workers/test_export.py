@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from workers.context import LocalContext
+from core.context import LocalContext
 from workers.export import ExportCheckFailed, ExportError, ExportManifest, export_adapter
 from workers.export.gguf_writer import GGUFExportError, NotLlamaArchitecture, llama_cpp_permute, write_gguf
-from workers.infer import AdapterRef, clear_engines
-from workers.models import model_digest
+from workers.inference.classify import AdapterRef, clear_engines
+from workers.modeling.registry import model_digest
 from workers.modeling.prompts import default_instruction, render_prompt
-from workers.specs.export import ExportSpec
+from core.specs.export import ExportSpec
 
 LABELS = ["World", "Sports", "Business", "Sci/Tech"]
 INSTRUCTION = default_instruction(LABELS)
@@ -114,7 +114,7 @@ def test_full_disk_removes_the_partial_file(tiny_model_dir, tmp_path, monkeypatc
 # ---------------------------------------------------------------- the real SmolLM2 against its packaged GGUF
 
 def _packaged_gguf() -> Path:
-    from workers.models import model_presets
+    from workers.modeling.registry import model_presets
     p = model_presets()["smollm2-135m"]
     return Path(importlib.util.find_spec(p.package).origin).parent / p.gguf_file
 
@@ -323,8 +323,8 @@ def test_export_job_registers_the_export_and_the_client_downloads_it(newslora_ho
     from db import results as resq
     from db import jobs as jobq
     from db.session import init_db, session_scope
-    from workers.runner import run_job
-    from workers.tasks import HANDLERS
+    from workers.jobs.runner import run_job
+    from workers.jobs.tasks import HANDLERS
     init_db()
     with session_scope() as s:
         ds = resq.add_dataset(session=s, job_id=None, name="t", path=str(tiny_dataset), hash="d" * 16,

@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from workers.context import JobCancelled, LocalContext
-from workers.infer import (AdapterError, AdapterRef, InferenceEngine, InputFileError, classify_items, get_engine,
+from core.context import JobCancelled, LocalContext
+from workers.inference.classify import (AdapterError, AdapterRef, InferenceEngine, InputFileError, classify_items, get_engine,
                            load_items, parse_label)
 from workers.modeling.codec import LabelTokensError, PromptCodec
 from workers.modeling.scoring import score_labels
-from workers.models import model_digest
+from workers.modeling.registry import model_digest
 from workers.modeling.prompts import default_instruction, render_prompt
-from workers.specs.classify import ClassifySpec
+from core.specs.classify import ClassifySpec
 
 LABELS = ["World", "Sports", "Business", "Sci/Tech"]
 INSTRUCTION = default_instruction(LABELS)

@@ -16,14 +16,14 @@ import pytest
 import torch
 
 from tests.fakes.ollama_server import SHAPES, FakeOllama
-from workers.context import JobCancelled, LocalContext
+from core.context import JobCancelled, LocalContext
 from workers.judge import (JUDGE_SCHEMA, RASCHKA, RUBRIC, RUBRIC_VERSION, RUBRICS, TWO_SCORE, ClassifyRun, JudgeAnswer,
                            JudgeInputError, JudgeModelMissing, JudgeUnavailable, LocalJudge, OllamaJudge,
                            OpenAIJudge, Unscorable, _score_distribution, answer_dialogue, control_items,
                            dialogue_items, judge_items, judge_messages, judge_validity, make_judge, parse_judgement,
                            parse_raschka, raschka_prompt, run_judge, sample_items, split_thinking,
                            summarize_judgements, validity_line)
-from workers.specs.judge import JudgeSpec
+from core.specs.judge import JudgeSpec
 
 MODEL = "deepseek-r1:8b"
 DIGEST = "sha256:" + "cd" * 32
@@ -548,7 +548,7 @@ def test_probability_judge_scores_every_item(tiny_model_dir, rubric):
 
 
 def test_local_text_judge_tiny_model_is_counted_unscored(tiny_model_dir):
-    from workers.models import model_digest
+    from workers.modeling.registry import model_digest
     judge = LocalJudge(str(tiny_model_dir), max_new_tokens=12, dtype="fp32", device="cpu")
     its = answer_dialogue(dialogue_items()[:3], judge._model, judge._tok, "alpaca", max_new_tokens=6)
     assert all(isinstance(i["response"], str) for i in its) and its[0]["item_id"] == "interest-rate"

@@ -27,7 +27,7 @@ LABELS = ["World", "Sports", "Business", "Sci/Tech"]
 def test_standin_has_llama2_structure_and_a_sentencepiece_tokenizer(llama2_standin_dir):
     from transformers import AutoConfig
 
-    from workers.models import load_tokenizer
+    from workers.modeling.registry import load_tokenizer
     cfg = AutoConfig.from_pretrained(llama2_standin_dir)
     assert cfg.model_type == "llama" and cfg.tie_word_embeddings is False
     assert cfg.num_key_value_heads == cfg.num_attention_heads
@@ -94,11 +94,11 @@ def test_label_scoring_matches_naive_full_sequence_scoring(peaky_standin, ag_new
     import torch
     from transformers import AutoModelForCausalLM
 
-    from workers.context import LocalContext
-    from workers.infer import InferenceEngine, classify_items
+    from core.context import LocalContext
+    from workers.inference.classify import InferenceEngine, classify_items
     from workers.modeling.prompts import default_instruction, render_prompt
-    from workers.models import load_tokenizer
-    from workers.specs.classify import ClassifySpec
+    from workers.modeling.registry import load_tokenizer
+    from core.specs.classify import ClassifySpec
 
     # Articles the tokenizer never saw (past its 400 training lines), plus bytes, digits, entities, quotes.
     with (ag_news_dir / "train.jsonl").open(encoding="utf-8") as fh:
@@ -132,7 +132,7 @@ def test_training_examples_are_the_full_text_tokenized_whole(llama2_standin_dir,
     """What both training backends learn from: prompt + label + EOS, exactly as the whole text tokenizes."""
     from workers.modeling.codec import PromptCodec
     from workers.modeling.prompts import default_instruction, render_prompt
-    from workers.models import load_tokenizer
+    from workers.modeling.registry import load_tokenizer
 
     tok = load_tokenizer(llama2_standin_dir)
     instruction = default_instruction(LABELS)

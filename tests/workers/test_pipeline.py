@@ -119,7 +119,7 @@ def store(newslora_home, monkeypatch):
     from db.session import init_db
     init_db()
     sent: list[tuple] = []
-    monkeypatch.setattr("workers.pipeline.enqueue", lambda *a: sent.append(a))
+    monkeypatch.setattr("workers.jobs.pipeline.enqueue", lambda *a: sent.append(a))
     monkeypatch.setattr("broker.app.enqueue", lambda *a: sent.append(a))
     return sent
 
@@ -128,7 +128,7 @@ def submitted(spec: dict) -> int:
     """A pipeline row as the API writes it (spec validated and dumped), before any advance."""
     from db import jobs as jobq
     from db.session import session_scope
-    from workers.specs import parse_spec
+    from core.specs import parse_spec
     with session_scope() as s:
         return jobq.create_job(session=s, kind="pipeline", queue="cpu",
                                spec=parse_spec("pipeline", spec).model_dump(mode="json")).id
@@ -172,11 +172,11 @@ def test_a_bad_stage_setting_is_refused_at_submission_naming_the_field(newslora_
 
 
 def test_an_advance_that_raises_fails_the_pipeline_with_the_error(store, monkeypatch):
-    from workers.pipeline import advance
+    from workers.jobs.pipeline import advance
 
     def broken(spec):
         raise RuntimeError("the datasets table is gone")
-    monkeypatch.setattr("workers.pipeline._reuse_dataset", broken)
+    monkeypatch.setattr("workers.jobs.pipeline._reuse_dataset", broken)
     job_id = submitted({"prep": HUB_PREP})
     assert advance(job_id) == "failed"
     job = row(job_id)
@@ -206,12 +206,12 @@ def _prep_done(job_id: int) -> None:
 def test_cancel_ends_a_pipeline_waiting_between_stages_and_its_children(store, monkeypatch):
     from db import jobs as jobq
     from db.session import session_scope
-    from workers.pipeline import advance
-    from workers.runner import requeue_stale_jobs
+    from workers.jobs.pipeline import advance
+    from workers.jobs.runner import requeue_stale_jobs
     monkeypatch.setenv("NEWSLORA_LEASE_S", "0.3")
     from core.settings import reset_settings
     reset_settings()
-    monkeypatch.setattr("workers.pipeline._reuse_dataset", lambda spec: None)
+    monkeypatch.setattr("workers.jobs.pipeline._reuse_dataset", lambda spec: None)
 
     # Waiting between stages: prep is done, its "advance" message was lost. The reaper advances it again.
     lost = submitted({"prep": HUB_PREP, "generate_limit": 0, "judge": None})

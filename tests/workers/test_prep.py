@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from workers.context import JobCancelled, LocalContext
-from workers.prep import (PrepError, clean_text, load_records, prepare_dataset, read_meta, token_lengths)
+from core.context import JobCancelled, LocalContext
+from workers.data.prep import (PrepError, clean_text, load_records, prepare_dataset, read_meta, token_lengths)
 from workers.modeling.prompts import default_instruction, render_prompt
-from workers.specs.prep import AG_NEWS_LABELS, PrepSpec, SourceSpec
+from core.specs.prep import AG_NEWS_LABELS, PrepSpec, SourceSpec
 
 LABELS = list(AG_NEWS_LABELS)
 
@@ -563,5 +563,5 @@ def test_token_lengths_match_per_record_encoding(smollm2_dir, ag_news_dir, tmp_p
     per_record = [len(tok(render_prompt(r["instruction"], r["input"], template=template, tokenizer=tok)
                           + r["output"])["input_ids"]) for r in recs]
     assert token_lengths(*args, template=template) == (per_record, "prefix+suffix")
-    monkeypatch.setattr("workers.prep._prefix_is_separable", lambda tokenizer, prefix: False)
+    monkeypatch.setattr("workers.data.prep._prefix_is_separable", lambda tokenizer, prefix: False)
     assert token_lengths(*args, template=template) == (per_record, "full")

@@ -6,10 +6,10 @@ import re
 
 import pytest
 
-from workers.baseline import BaselineCorpus
-from workers.evaluate import evaluate_runs
-from workers.report import render_table, summary_rows, write_report
-from workers.specs.evaluate import EvaluateSpec
+from workers.evaluation.baseline import BaselineCorpus
+from workers.evaluation.evaluate import evaluate_runs
+from workers.evaluation.report import render_table, summary_rows, write_report
+from core.specs.evaluate import EvaluateSpec
 
 LABELS = ["World", "Sports", "Business", "Sci/Tech"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -9,8 +9,8 @@ from core.contracts.prediction import PredictionRow
 from db import jobs as jobq
 from db import results as resq
 from db.session import session_scope
-from workers.shards import ShardsPending, advance, shard_ranges, split
-from workers.specs.classify import ClassifySpec
+from workers.jobs.shards import ShardsPending, advance, shard_ranges, split
+from core.specs.classify import ClassifySpec
 
 LABELS = ["World", "Sports", "Business", "Sci/Tech"]
 
@@ -53,7 +53,7 @@ def _parent(spec: ClassifySpec) -> int:
 def _run_shard(child_id: int, worker: str) -> None:
     """What a worker does with a shard: claim it, store its items' predictions, record its result."""
     from workers.inference.items import load_items
-    from workers.shards import is_shard
+    from workers.jobs.shards import is_shard
     with session_scope() as s:
         assert jobq.claim(child_id, worker, session=s, lease_s=30) == "claimed"
         child = s.get(jobq.Job, child_id)

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from workers.context import JobCancelled, LocalContext
+from core.context import JobCancelled, LocalContext
 from workers.modeling.prompts import default_instruction
-from workers.specs.train import LoraSpec, TrainSpec
+from core.specs.train import LoraSpec, TrainSpec
 from workers.train import torchtune_backend as tb
 from tests.conftest import make_dataset_meta
 
@@ -90,7 +90,7 @@ def test_lora_modules_map_to_torchtune_names():
 
 def test_top_layers_with_torchtune_is_refused_when_the_spec_is_made():
     from pydantic import ValidationError
-    from workers.specs.train import TrainSpec
+    from core.specs.train import TrainSpec
     with pytest.raises(ValidationError, match="lora.top_layers.*backend 'peft'"):
         TrainSpec(dataset_id=1, backend="torchtune", lora={"top_layers": 2})
 
@@ -154,7 +154,7 @@ def test_builder_and_checkpointer_come_from_the_registry(tmp_path, smollm2_dir, 
 
 
 def test_every_registry_entry_names_a_known_builder():
-    from workers.models import model_presets
+    from workers.modeling.registry import model_presets
     for preset in model_presets().values():
         assert preset.torchtune_builder in tb.BUILDERS, preset.name
         assert preset.torchtune_model_type == tb.BUILDERS[preset.torchtune_builder].model_type, preset.name
@@ -366,7 +366,7 @@ def test_recipe_trains_and_loss_falls(trained):
 @pytest.mark.torchtune
 @needs_env
 def test_recipe_sees_the_peft_loops_tokens(trained, tiny_tt_model):
-    from workers.models import load_tokenizer
+    from workers.modeling.registry import load_tokenizer
     from workers.modeling.codec import PromptCodec
     from workers.train.data import load_prepared
     spec, _, _, out = trained
@@ -423,8 +423,8 @@ _WORKER = """
 import os, signal, sys
 sys.path.insert(0, {repo!r})
 from pathlib import Path
-from workers.context import LocalContext
-from workers.specs.train import TrainSpec
+from core.context import LocalContext
+from core.specs.train import TrainSpec
 from workers.train.torchtune_backend import train_torchtune
 
 class KilledAtFirstCheckpoint(LocalContext):

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from workers.context import JobCancelled, LocalContext
+from core.context import JobCancelled, LocalContext
 from workers.modeling.prompts import default_instruction, render_prompt
-from workers.specs.train import LoraSpec, TrainSpec
+from core.specs.train import LoraSpec, TrainSpec
 from workers.train import (DatasetNotPrepared, TrainingDiverged, TrainOutOfMemory, UnknownTargetModules,
                            train_adapter)
 from workers.train import peft_loop
@@ -49,7 +49,7 @@ def dataset_dir(tmp_path, ag_news_dir) -> Path:
 
 @pytest.fixture(scope="module")
 def tokenizer(smollm2_dir):
-    from workers.models import load_tokenizer
+    from workers.modeling.registry import load_tokenizer
     return load_tokenizer(smollm2_dir)
 
 
@@ -315,7 +315,7 @@ def test_early_stopping_on_val_accuracy_ignores_a_falling_loss(tiny_model_dir, d
 # -- bad input --------------------------------------------------------------------------------------
 
 def test_bad_inputs_get_clear_errors(tiny_model_dir, dataset_dir, tmp_path):
-    from workers.models import ModelNotFound
+    from workers.modeling.registry import ModelNotFound
     ctx = LocalContext(work_dir=tmp_path)
     (tmp_path / "empty").mkdir()
     with pytest.raises(DatasetNotPrepared, match="missing train.jsonl, validation.jsonl, meta.json.*prep job"):
@@ -366,7 +366,7 @@ def test_a_failing_step_stops_with_advice_and_no_adapter(tiny_model_dir, dataset
 
 @pytest.mark.smollm2
 def test_a_few_steps_on_real_smollm2(smollm2_dir, ag_news_dir, tmp_path):
-    from workers.models import cpu_has_fast_bf16
+    from workers.modeling.registry import cpu_has_fast_bf16
     ds = write_dataset(tmp_path / "ds", ag_news_dir, n_train=24, n_val=8)
     spec = TrainSpec(dataset_id=1, model=str(smollm2_dir), batch_size=8, max_steps=3, warmup_steps=1, val_samples=8,
                      learning_rate=5e-4)
@@ -384,8 +384,8 @@ def test_a_few_steps_on_real_smollm2(smollm2_dir, ag_news_dir, tmp_path):
 # -- one modelling core: validation accuracy is the classifier's accuracy ------------------------------
 
 def test_validation_predictions_equal_a_classify_job_item_by_item(tiny_model_dir, dataset_dir, tmp_path):
-    from workers.infer import AdapterRef, classify_items, get_engine
-    from workers.specs.classify import ClassifySpec
+    from workers.inference.classify import AdapterRef, classify_items, get_engine
+    from core.specs.classify import ClassifySpec
     from workers.train.peft_loop import PeftLoraTrainer
     # max_seq_len well above the articles' length: neither path cuts an article, so both see the same prompts.
     spec = tiny_spec(tiny_model_dir, max_steps=8, learning_rate=3e-2, val_samples=12, max_seq_len=512)

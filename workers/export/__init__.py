@@ -22,8 +22,8 @@ from typing import Any, ClassVar, Literal
 
 from core.atomic import atomic_dir
 from core.contracts.base import ArtifactFile
-from workers.context import JobContext
-from workers.specs.export import ExportSpec
+from core.context import JobContext
+from core.specs.export import ExportSpec
 
 MANIFEST_FILE = "export.json"
 
@@ -66,7 +66,7 @@ def export_adapter(spec: ExportSpec, adapter, out_dir: Path, ctx: JobContext, *,
     """Export one adapter in `spec.format` to `out_dir`, verified.
 
     Args:
-        adapter: `workers.infer.AdapterRef` (id + the folder with the PEFT weights and newslora.json).
+        adapter: `workers.inference.classify.AdapterRef` (id + the folder with the PEFT weights and newslora.json).
         out_dir: the export's folder (must not exist yet; a leftover is replaced).
         dataset_dir: the prepared dataset whose test split the check classifies (None: spec.verify off).
 
@@ -78,9 +78,9 @@ def export_adapter(spec: ExportSpec, adapter, out_dir: Path, ctx: JobContext, *,
         ExportCheckFailed: the reloaded export disagrees with the adapter on too many articles.
         JobCancelled: from ctx.check_cancel(); nothing is left behind.
     """
-    from workers.infer import AdapterError, read_adapter_meta
-    from workers.models import ModelNotFound, model_digest, resolve_model
-    from workers.version import code_version
+    from workers.inference.classify import AdapterError, read_adapter_meta
+    from workers.modeling.registry import ModelNotFound, model_digest, resolve_model
+    from core.version import code_version
     try:
         meta = read_adapter_meta(adapter.path)
     except AdapterError as e:
@@ -259,8 +259,8 @@ def _min_agreement(spec: ExportSpec) -> float:
 def _verify(spec: ExportSpec, reload_dir: Path, how: str, adapter, meta, dataset_dir: Path,
             ctx: JobContext) -> dict[str, Any]:
     from workers.export.verify import compare_to_adapter
-    from workers.infer import load_items
-    from workers.specs.classify import ClassifySpec
+    from workers.inference.classify import load_items
+    from core.specs.classify import ClassifySpec
     items, _ = load_items(ClassifySpec(dataset_id=spec.dataset_id or 1, split="test", limit=spec.verify_samples),
                           dataset_dir)
     if not items:

@@ -11,9 +11,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from workers.context import JobContext, LocalContext
-from workers.infer import AdapterRef, InferenceEngine, classify_items, get_engine
-from workers.specs.classify import ClassifySpec
+from core.context import JobContext, LocalContext
+from workers.inference.classify import AdapterRef, InferenceEngine, classify_items, get_engine
+from core.specs.classify import ClassifySpec
 
 
 @dataclass
@@ -129,7 +129,7 @@ def compare_to_adapter(export_model_dir: Path, items: list[dict], *, adapter: Ad
 def reload_gguf_as_checkpoint(gguf_dir: Path, gguf_name: str, target: Path) -> Path:
     """What a transformers user gets from `from_pretrained(gguf_dir, gguf_file=gguf_name)`, saved as a plain
     checkpoint folder (tokenizer included) so the inference engine can load it."""
-    from workers.models import convert_gguf
+    from workers.modeling.registry import convert_gguf
     if target.exists():
         shutil.rmtree(target)
     return convert_gguf(gguf_dir, gguf_name, target)

@@ -1,1 +1,1 @@
-"""The pieces of batched classification (engine, item loading, scoring); `workers.infer` is the entry point."""
+"""The pieces of batched classification (engine, item loading, scoring); `workers.inference.classify` is the entry point."""

@@ -25,7 +25,7 @@ from core.contracts.adapter import AdapterMeta
 from core.contracts.base import ContractError
 from workers.modeling.forward import prefix_kv
 from workers.modeling.lora_forward import merge_lora
-from workers.models import load_model, model_digest, pick_device, pick_dtype, resolve_model
+from workers.modeling.registry import load_model, model_digest, pick_device, pick_dtype, resolve_model
 
 DEFAULT_MAX_ADAPTERS = 4
 
@@ -261,7 +261,7 @@ def get_engine(model_ref: str, *, dtype: str = "auto", device: str = "auto",
     """The process-wide engine for (model, dtype, device), loading the base model on first use.
 
     Raises:
-        workers.models.ModelNotFound: the model reference names no preset or checkpoint folder.
+        workers.modeling.registry.ModelNotFound: the model reference names no preset or checkpoint folder.
     """
     resolved_device = pick_device(device)
     key = (str(resolve_model(str(model_ref))), str(pick_dtype(dtype, resolved_device)), resolved_device)

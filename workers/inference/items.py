@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from workers.specs.classify import ClassifySpec
+from core.specs.classify import ClassifySpec
 
 
 class InputFileError(ValueError):

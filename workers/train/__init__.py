@@ -11,8 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from workers.context import JobContext
-from workers.specs.train import TrainSpec
+from core.context import JobContext
+from core.specs.train import TrainSpec
 from workers.train.checkpoint import IncompatibleCheckpoint
 from workers.train.data import DatasetNotPrepared
 from workers.train.peft_loop import (ADAPTER_META, PeftLoraTrainer, TrainingDiverged, TrainOutOfMemory,
@@ -35,7 +35,7 @@ def train_adapter(spec: TrainSpec, dataset_dir: Path, out_dir: Path, ctx: JobCon
          "history": [per-eval dicts], "resumed_from_step": int | None, ...}
 
     Raises:
-        DatasetNotPrepared, workers.models.ModelNotFound, UnknownTargetModules, IncompatibleCheckpoint:
+        DatasetNotPrepared, workers.modeling.registry.ModelNotFound, UnknownTargetModules, IncompatibleCheckpoint:
             bad input, with what to do.
         TrainingDiverged, TrainOutOfMemory: the run failed at a step, with advice.
         JobCancelled: after saving a checkpoint that a later call resumes from.

@@ -40,7 +40,7 @@ def load_prepared(dataset_dir: Path) -> PreparedDataset:
         DatasetNotPrepared: a file is missing or unreadable, or meta.json does not match its contract.
     """
     dataset_dir = Path(dataset_dir)
-    hint = "run a prep job (workers.prep.prepare_dataset) to make one"
+    hint = "run a prep job (workers.data.prep.prepare_dataset) to make one"
     if not dataset_dir.is_dir():
         raise DatasetNotPrepared(f"dataset folder {dataset_dir} does not exist: {hint}")
     missing = [f for f in SPLIT_FILES if not (dataset_dir / f).is_file()]

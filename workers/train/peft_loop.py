@@ -28,8 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from workers.context import JobCancelled, JobContext
-from workers.specs.train import TrainSpec
+from core.context import JobCancelled, JobContext
+from core.specs.train import TrainSpec
 from core.atomic import atomic_dir
 from workers.train.checkpoint import (check_compatible, latest_checkpoint, load_checkpoint,
                                       restore_rng_states, rng_states, save_checkpoint)
@@ -148,17 +148,17 @@ class PeftLoraTrainer:
         return load_prepared(self.dataset_dir)
 
     def _setup_device(self) -> torch.device:
-        from workers.models import pick_device
+        from workers.modeling.registry import pick_device
         return torch.device(pick_device(self.spec.device))
 
     def _setup_model_dir(self) -> Path:
-        from workers.models import model_digest, resolve_model
+        from workers.modeling.registry import model_digest, resolve_model
         path = resolve_model(self.spec.model)  # ModelNotFound says what to do
         self.model_digest = model_digest(path)
         return path
 
     def _setup_tokenizer(self) -> Any:
-        from workers.models import load_tokenizer
+        from workers.modeling.registry import load_tokenizer
         return load_tokenizer(self.model_dir)
 
     def _setup_encoder(self) -> PromptCodec:
@@ -186,7 +186,7 @@ class PeftLoraTrainer:
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM
 
-        from workers.models import pick_dtype
+        from workers.modeling.registry import pick_dtype
         self.dtype = pick_dtype(self.spec.dtype, self.device.type)
         # On CPU the plain matmul-softmax attention beats SDPA's flash kernel at these short, masked
         # sequences (its backward especially): measured 612 vs 498 tokens/s on SmolLM2, 2 cores.
@@ -476,7 +476,7 @@ class PeftLoraTrainer:
     # -- the result -------------------------------------------------------------------------------
 
     def _adapter_meta(self) -> AdapterMeta:
-        from workers.version import code_version
+        from core.version import code_version
         meta = self.data.meta
         return AdapterMeta(template=meta.template, instruction=meta.instruction, label_names=meta.label_names,
                            base_model=self.spec.model, base_model_path=str(self.model_dir),

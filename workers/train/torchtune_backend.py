@@ -51,9 +51,9 @@ from typing import Any, Callable
 import yaml
 
 from core.atomic import atomic_dir
-from workers.context import JobContext
-from workers.models import cpu_has_fast_bf16, model_digest, model_presets, pick_device, resolve_model
-from workers.specs.train import TORCHTUNE_ALL_LAYERS, LoraSpec, TrainSpec
+from core.context import JobContext
+from workers.modeling.registry import cpu_has_fast_bf16, model_digest, model_presets, pick_device, resolve_model
+from core.specs.train import TORCHTUNE_ALL_LAYERS, LoraSpec, TrainSpec
 from core.contracts.adapter import AdapterMeta
 from core.contracts.metrics import METRICS_FILE, MetricsRow, append_metrics
 from workers.modeling.codec import Example, PromptCodec
@@ -678,7 +678,7 @@ def train_torchtune(spec: TrainSpec, dataset_dir: Path, out_dir: Path, ctx: JobC
         IncompatibleCheckpoint: out_dir holds a checkpoint of a run with other settings or data.
         DatasetNotPrepared, ModelNotFound, ValueError: bad dataset, model or spec, saying what to change.
     """
-    from workers.models import load_tokenizer
+    from workers.modeling.registry import load_tokenizer
 
     python = torchtune_python()
     dataset_dir, out_dir = Path(dataset_dir), Path(out_dir)
@@ -864,7 +864,7 @@ def validate_adapter(model_dir: Path, adapter_dir: Path, examples: list[Example]
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from workers.models import pick_dtype
+    from workers.modeling.registry import pick_dtype
     from workers.modeling.forward import prefix_kv
     from workers.modeling.scoring import score_responses
 
@@ -900,7 +900,7 @@ def _append_metrics(out_dir: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def _code_version() -> str:
-    from workers.version import code_version
+    from core.version import code_version
     return code_version()
 
 
@@ -964,7 +964,7 @@ def torchtune_tokens_per_s(model: str = "smollm2-135m", *, steps: int = 6, batch
     """
     import tempfile
 
-    from workers.context import LocalContext
+    from core.context import LocalContext
 
     tmp = None
     if work_dir is None:

@@ -1,6 +1,6 @@
 """Data preparation: a labeled news set -> Alpaca-style instruction records, written as a fixed artifact.
 
-`prepare_dataset(spec, out_dir, ctx)` reads the train and test sources (see `workers/loaders.py`),
+`prepare_dataset(spec, out_dir, ctx)` reads the train and test sources (see `workers/data/loaders.py`),
 cleans the AG News escapes, drops bad rows (or fails on the first one), removes exact duplicates within
 and across splits, draws a stratified validation split and any per-class caps with a seed, measures
 token lengths, and writes `train.jsonl`, `validation.jsonl`, `test.jsonl` and `meta.json` into
@@ -31,11 +31,11 @@ from typing import Any, Sequence
 from core.atomic import atomic_dir
 from core.contracts.base import ContractError
 from core.contracts.dataset import DatasetMeta
-from workers.context import JobContext
-from workers.loaders import LoadedSource, PrepError, label_names_in, load_source
+from core.context import JobContext
+from workers.data.loaders import LoadedSource, PrepError, label_names_in, load_source
 from workers.modeling.prompts import default_instruction, split_prompt
-from workers.specs.prep import AG_NEWS_LABELS, PrepSpec
-from workers.version import code_version
+from core.specs.prep import AG_NEWS_LABELS, PrepSpec
+from core.version import code_version
 
 __all__ = ["PrepError", "prepare_dataset", "load_records", "read_meta", "clean_text", "token_lengths",
            "SPLITS", "META_VERSION"]
@@ -334,7 +334,7 @@ def _record(ex: Example, spec: PrepSpec, label_names: list[str], instruction: st
 def _load_tokenizer(spec: PrepSpec):
     if spec.tokenizer is None:
         return None
-    from workers.models import ModelNotFound, load_tokenizer
+    from workers.modeling.registry import ModelNotFound, load_tokenizer
     try:
         tok = load_tokenizer(spec.tokenizer)
     except ModelNotFound as e:

@@ -1,6 +1,6 @@
 """What a plain job function is handed to report on itself, without knowing of Celery or the store.
 
-A worker passes a `StoreContext` (see `workers/runner.py`) that writes events to the job row and
+A worker passes a `StoreContext` (see `workers/jobs/runner.py`) that writes events to the job row and
 sees cancel requests; tests and direct calls pass a `LocalContext`.
 """
 from __future__ import annotations

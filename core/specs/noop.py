@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from workers.specs.base import Spec
+from core.specs.base import Spec
 
 
 class NoopSpec(Spec):

@@ -14,11 +14,11 @@ from typing import Any
 from pydantic import Field, ValidationError, create_model, model_validator
 from pydantic.fields import FieldInfo
 
-from workers.specs.base import Spec
-from workers.specs.classify import ClassifySpec
-from workers.specs.judge import JudgeSpec
-from workers.specs.prep import PrepSpec
-from workers.specs.train import TrainSpec
+from core.specs.base import Spec
+from core.specs.classify import ClassifySpec
+from core.specs.judge import JudgeSpec
+from core.specs.prep import PrepSpec
+from core.specs.train import TrainSpec
 
 
 def _stage_spec(name: str, base: type[Spec], *, filled: set[str], doc: str,
@@ -105,7 +105,7 @@ class PipelineSpec(Spec):
     @model_validator(mode="after")
     def _every_stage_builds(self) -> "PipelineSpec":
         """Build each child spec through its real spec class now, so no stage can fail to be created later."""
-        from workers.specs.evaluate import EvaluateSpec
+        from core.specs.evaluate import EvaluateSpec
         checks: list[tuple[str, type[Spec], dict[str, Any]]] = [
             ("train", TrainSpec, self.train_spec(1)), ("classify", ClassifySpec, self.score_spec(1, 1))]
         if self.generate_limit:

@@ -5,7 +5,7 @@ the same items as the language models, so a fine-tuned model's accuracy is read 
 model on word counts gets from the same training articles. On the shared AG News articles (7,557
 train) it scores about 89% on the official test split.
 
-Predictions come back in the classify job's row shape (`workers.evaluate`'s module docstring), so the
+Predictions come back in the classify job's row shape (`workers.evaluation.evaluate`'s module docstring), so the
 evaluation's metrics and paired tests apply to them unchanged.
 """
 from __future__ import annotations
@@ -43,9 +43,9 @@ def load_corpus(dataset_dir: Path, split: str = "test") -> BaselineCorpus:
     """The train split and the evaluated split of a prepared dataset (records' `input` and `output`).
 
     Raises:
-        workers.prep.PrepError: not a prepared dataset, an unknown split, or a changed file.
+        workers.data.prep.PrepError: not a prepared dataset, an unknown split, or a changed file.
     """
-    from workers.prep import load_records
+    from workers.data.prep import load_records
     train = load_records(dataset_dir, "train")
     items = {str(r["id"]): (r["input"], r["output"]) for r in load_records(dataset_dir, split)}
     return BaselineCorpus(train_texts=[r["input"] for r in train], train_labels=[r["output"] for r in train],

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from workers.specs.prep import AG_NEWS_LABELS, SourceSpec
+from core.specs.prep import AG_NEWS_LABELS, SourceSpec
 
 
 class PrepError(ValueError):

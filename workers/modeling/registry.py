@@ -20,7 +20,7 @@ import yaml
 from core.atomic import atomic_dir
 from core.settings import get_settings
 
-CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
 MODEL_PRESETS_DIR = CONFIGS_DIR / "models"
 
 

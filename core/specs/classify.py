@@ -4,7 +4,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from workers.specs.base import Spec
+from core.specs.base import Spec
 
 
 class ClassifyItem(Spec):
@@ -50,7 +50,7 @@ class ClassifySpec(Spec):
     dtype: Literal["auto", "bf16", "fp32", "fp16"] = "auto"
     device: str = "auto"
     shard: ShardRange | None = Field(
-        default=None, description="set by a sharded parent job on its children (workers/shards.py): classify only "
+        default=None, description="set by a sharded parent job on its children (workers/jobs/shards.py): classify only "
         "items start..stop-1 of the input. A shard child's inline `items` are already that slice")
 
     @model_validator(mode="after")

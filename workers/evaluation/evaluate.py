@@ -10,7 +10,7 @@ as failed, never dropped. Gold labels outside `label_names` (classes the model w
 are reported and count as wrong too.
 
 Everything returned is plain JSON (floats, ints, strings, lists, dicts, None) so it can be stored on a
-job row and rendered by `workers.report` without this module.
+job row and rendered by `workers.evaluation.report` without this module.
 """
 from __future__ import annotations
 
@@ -23,103 +23,13 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from core.contracts.evaluation import EvaluationDoc
-from workers.baseline import BaselineCorpus, BaselineUnavailable, baseline_predictions
-from workers.specs.evaluate import EvaluateSpec
+from core.stats import expected_calibration_error, mcnemar_test, percentile_ci, wilson_interval
+from workers.evaluation.baseline import BaselineCorpus, BaselineUnavailable, baseline_predictions
+from core.specs.evaluate import EvaluateSpec
 
-Z95 = 1.959963984540054  # two-sided 95% normal quantile
-ECE_BINS = 15
-EXACT_MCNEMAR_BELOW = 25  # discordant pairs: exact binomial below this, chi-square with correction at or above
 MAX_LISTED_IDS = 100  # missing/failed item ids listed in a result; the counts are always complete
 
 Pred = Mapping[str, Any]
-
-
-# --------------------------------------------------------------------------------------------------
-# Small statistics
-
-
-def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float] | None:
-    """The Wilson score interval for a binomial proportion k/n (None when n == 0).
-
-    Better than the normal interval near 0 and 1 and for small n; never leaves [0, 1].
-    """
-    if n <= 0:
-        return None
-    if not 0 <= k <= n:
-        raise ValueError(f"wilson_interval: k={k} is not between 0 and n={n}")
-    p = k / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def mcnemar_test(b: int, c: int) -> dict[str, Any]:
-    """McNemar's test on the discordant counts of a paired comparison.
-
-    Args:
-        b: pairs where the first model is right and the second wrong.
-        c: pairs where the first model is wrong and the second right.
-
-    Returns:
-        {"method": "exact" | "chi2_cc" | "none", "statistic": float | None, "p_value": float}.
-        Exact two-sided binomial (p=0.5) when b + c < 25, else the chi-square statistic with
-        continuity correction (|b - c| - 1)^2 / (b + c) on 1 degree of freedom.
-    """
-    n = b + c
-    if n == 0:
-        return {"method": "none", "statistic": None, "p_value": 1.0}
-    if n < EXACT_MCNEMAR_BELOW:
-        k = min(b, c)
-        tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
-        return {"method": "exact", "statistic": float(k), "p_value": min(1.0, 2 * tail)}
-    stat = (abs(b - c) - 1) ** 2 / n
-    # The chi-square(1) survival function: P(X > s) = erfc(sqrt(s / 2)).
-    return {"method": "chi2_cc", "statistic": float(stat), "p_value": float(math.erfc(math.sqrt(stat / 2)))}
-
-
-def expected_calibration_error(confidences: Sequence[float], correct: Sequence[bool],
-                               n_bins: int = ECE_BINS) -> dict[str, Any]:
-    """Expected calibration error over equal-width confidence bins.
-
-    Bin i holds confidences in (i/n_bins, (i+1)/n_bins]; a confidence of exactly 0 goes to the first bin.
-    ECE = sum over bins of (bin size / n) * |bin accuracy - bin mean confidence|.
-
-    Returns:
-        {"ece": float | None (None without items), "n": int, "n_bins": int,
-         "bins": [{"lo", "hi", "n", "accuracy", "confidence"}] for non-empty bins}.
-    """
-    if n_bins < 1:
-        raise ValueError(f"n_bins must be at least 1, got {n_bins}")
-    conf = np.asarray(confidences, dtype=np.float64)
-    hit = np.asarray(correct, dtype=np.float64)
-    if conf.shape != hit.shape:
-        raise ValueError(f"{len(conf)} confidences but {len(hit)} correctness flags")
-    if conf.size and (np.any(conf < -1e-6) | np.any(conf > 1 + 1e-6) | np.any(~np.isfinite(conf))):
-        raise ValueError("confidences must lie in [0, 1]: pass probabilities, not logits")
-    conf = np.clip(conf, 0.0, 1.0)  # float error from a softmax (1.0000001) is not a bad input
-    if conf.size == 0:
-        return {"ece": None, "n": 0, "n_bins": n_bins, "bins": []}
-    idx = np.clip(np.ceil(conf * n_bins).astype(int) - 1, 0, n_bins - 1)  # (n,) bin of each item
-    ece = 0.0
-    bins = []
-    for i in range(n_bins):
-        m = idx == i
-        cnt = int(m.sum())
-        if not cnt:
-            continue
-        acc, mc = float(hit[m].mean()), float(conf[m].mean())
-        ece += cnt / conf.size * abs(acc - mc)
-        bins.append({"lo": i / n_bins, "hi": (i + 1) / n_bins, "n": cnt, "accuracy": acc, "confidence": mc})
-    return {"ece": float(ece), "n": int(conf.size), "n_bins": n_bins, "bins": bins}
-
-
-def _percentile_ci(samples: np.ndarray) -> list[float] | None:
-    samples = samples[np.isfinite(samples)]
-    if samples.size == 0:
-        return None
-    lo, hi = np.percentile(samples, [2.5, 97.5])
-    return [float(lo), float(hi)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -248,7 +158,7 @@ def compute_metrics(preds: Sequence[Pred], label_names: Sequence[str], *, bootst
         cell = (np.arange(bootstrap)[:, None] * k_rows + gold_idx[idx]) * (k_rows + 1) + col[idx]  # (B, n)
         boot = np.bincount(cell.ravel(), minlength=bootstrap * k_rows * (k_rows + 1))
         boot = boot.reshape(bootstrap, k_rows, k_rows + 1).astype(np.float64)  # (B, K, K + 1)
-        macro_ci = _percentile_ci(_macro_f1_from_counts(boot, in_avg))
+        macro_ci = percentile_ci(_macro_f1_from_counts(boot, in_avg))
 
     # Calibration: the probability the model gave its own answer, over items with scores.
     conf, hit = [], []
@@ -336,7 +246,7 @@ def compare_models(preds_a: Sequence[Pred], preds_b: Sequence[Pred], *, label_na
         rng = np.random.default_rng(seed)
         d = ok_b.astype(np.float64) - ok_a.astype(np.float64)  # (n,) per-item paired difference
         idx = rng.integers(0, len(d), size=(bootstrap, len(d)))
-        ci = _percentile_ci(d[idx].mean(axis=1))
+        ci = percentile_ci(d[idx].mean(axis=1))
     return {
         "n_paired": len(shared),
         "accuracy_a": float(ok_a.mean()),
@@ -356,7 +266,7 @@ def compare_models(preds_a: Sequence[Pred], preds_b: Sequence[Pred], *, label_na
 
 def _baseline_block(corpus: BaselineCorpus | None, runs: Mapping[str, Sequence[Pred]], label_names: Sequence[str], base: str,
                     bootstrap: int, seed: int, missing: list[str]) -> dict[str, Any] | None:
-    """TF-IDF + linear SVM (`workers.baseline`) fitted on the train split and scored on the base run's items:
+    """TF-IDF + linear SVM (`workers.evaluation.baseline`) fitted on the train split and scored on the base run's items:
     {name, method, source, n_train, n_features, fit_s, predict_s, n_items, n_not_found, metrics,
     comparisons {model: compare_models(baseline, model)}}, or None (with the reason in `missing`)."""
     if corpus is None:
@@ -431,7 +341,7 @@ def evaluate_runs(runs: Mapping[str, Sequence[Pred]], label_names: Sequence[str]
         generate_runs: model name -> generate-mode predictions (accuracy of free answers and instruction
             following), or None.
         dialogue: model name -> judge rows over the general-instruction set (workers/data/dialogue.jsonl).
-        baseline: the train split and the evaluated items' texts (`workers.baseline.load_corpus`): a TF-IDF +
+        baseline: the train split and the evaluated items' texts (`workers.evaluation.baseline.load_corpus`): a TF-IDF +
             linear SVM is fitted on it and scored on the base run's items; None notes it as missing.
 
     Returns:
@@ -559,8 +469,8 @@ def run_evaluation(spec: EvaluateSpec, inputs: EvaluationInputs, ctx: Any, *,
         ValueError: no runs, or no label names.
     """
     from core.contracts.metrics import read_metrics
-    from workers.baseline import load_corpus
-    from workers.report import write_report
+    from workers.evaluation.baseline import load_corpus
+    from workers.evaluation.report import write_report
 
     if not inputs.runs:
         raise ValueError("no classify jobs to evaluate")

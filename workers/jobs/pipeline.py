@@ -28,8 +28,8 @@ from db import jobs as jobq
 from db import results as resq
 from db.models import TERMINAL, Job, utcnow
 from db.session import session_scope
-from workers.specs import QUEUES, PipelineSpec, parse_spec, spec_hash
-from workers.version import code_version
+from core.specs import QUEUES, PipelineSpec, parse_spec, spec_hash
+from core.version import code_version
 
 log = logging.getLogger("newslora.pipeline")
 
@@ -157,7 +157,7 @@ _OUTAGES = _outages()
 
 def pipeline_lease_s() -> float:
     """How long a pipeline may go without being advanced before the reaper advances it again
-    (workers/runner.py requeue_stale_jobs): a lost "child finished" message, or a cancel that no child
+    (workers/jobs/runner.py requeue_stale_jobs): a lost "child finished" message, or a cancel that no child
     will report, then costs at most this long."""
     return get_settings().lease_s
 

@@ -1,7 +1,7 @@
 """Thin Celery tasks: take a job id, load the row, call the plain function, record the outcome.
 
 Each `_run_<kind>` handler reads what the job needs from the store, calls the plain function of its
-module (which knows nothing of Celery), and registers what it produced. `workers.runner.run_job`
+module (which knows nothing of Celery), and registers what it produced. `workers.jobs.runner.run_job`
 does the lease, heartbeat, cancel and terminal transition around it.
 """
 from __future__ import annotations
@@ -19,10 +19,10 @@ from core.settings import get_settings
 from db import results as resq
 from db.models import Job
 from db.session import session_scope
-from workers.pipeline import advance
-from workers.runner import StoreContext, requeue_stale_jobs, run_job
-from workers.specs import spec_hash
-from workers.version import code_version
+from workers.jobs.pipeline import advance
+from workers.jobs.runner import StoreContext, requeue_stale_jobs, run_job
+from core.specs import spec_hash
+from core.version import code_version
 
 log = logging.getLogger("newslora.tasks")
 
@@ -44,7 +44,7 @@ def _run_noop(job: Job, spec, ctx: StoreContext) -> dict[str, Any]:
 
 
 def _run_prep(job: Job, spec, ctx: StoreContext) -> dict[str, Any]:
-    from workers.prep import prepare_dataset
+    from workers.data.prep import prepare_dataset
     out_dir = get_settings().path("datasets") / f"job-{job.id}"
     if out_dir.exists():  # a re-delivered job: the artifact is complete (written by rename) or absent
         shutil.rmtree(out_dir)
@@ -93,10 +93,10 @@ def _adapter(adapter_id: int):
 
 
 def _run_classify(job: Job, spec, ctx: StoreContext) -> dict[str, Any]:
-    from workers.infer import AdapterRef, run_classify
+    from workers.inference.classify import AdapterRef, run_classify
     dataset_dir = _dataset_dir(spec.dataset_id)[0] if spec.dataset_id is not None else None
     adapter = AdapterRef(spec.adapter_id, Path(_adapter(spec.adapter_id).path)) if spec.adapter_id else None
-    from workers.shards import split  # a big batch: shard jobs that every gpu worker takes
+    from workers.jobs.shards import split  # a big batch: shard jobs that every gpu worker takes
     return run_classify(spec, ctx, dataset_dir=dataset_dir, adapter=adapter,
                         shard=lambda n: split(job.id, spec, n)).model_dump(mode="json")
 
@@ -113,7 +113,7 @@ class _StoreJudgeInputs:
             preds, cresult, cspec = resq.all_predictions(cj.id, session=s), cj.result or {}, cj.spec
         records = {}
         if cspec.get("dataset_id"):
-            from workers.prep import load_records
+            from workers.data.prep import load_records
             records = {str(r["id"]): r for r in load_records(_dataset_dir(cspec["dataset_id"])[0],
                                                              cspec.get("split", "test"))}
         return ClassifyRun(job_id=job_id, mode=cspec.get("mode"), predictions=preds,
@@ -121,7 +121,7 @@ class _StoreJudgeInputs:
                            records=records, model=cspec.get("model"), adapter_id=cspec.get("adapter_id"))
 
     def adapter(self, adapter_id: int) -> tuple[Path, str]:
-        from workers.infer import read_adapter_meta
+        from workers.inference.classify import read_adapter_meta
         path = Path(_adapter(adapter_id).path)
         return path, read_adapter_meta(path).template  # required by the adapter's contract
 
@@ -142,7 +142,7 @@ def _run_name(cspec: dict[str, Any], n_adapters: int) -> str:
 
 def _evaluation_inputs(spec) -> Any:
     """The rows an evaluate job reads: predictions and judge rows by model name, and where the data lies."""
-    from workers.evaluate import EvaluationInputs
+    from workers.evaluation.evaluate import EvaluationInputs
     with session_scope() as s:
         def load(ids: list[int], what: str) -> list[Job]:
             jobs = []
@@ -178,7 +178,7 @@ def _evaluation_inputs(spec) -> Any:
 
 
 def _run_evaluate(job: Job, spec, ctx: StoreContext) -> dict[str, Any]:
-    from workers.evaluate import run_evaluation
+    from workers.evaluation.evaluate import run_evaluation
     doc, report_path = run_evaluation(spec, _evaluation_inputs(spec), ctx,
                                       report_dir=get_settings().path("reports", f"eval-job-{job.id}"))
     with session_scope() as s:
@@ -191,7 +191,7 @@ def _run_evaluate(job: Job, spec, ctx: StoreContext) -> dict[str, Any]:
 
 def _run_export(job: Job, spec, ctx: StoreContext) -> dict[str, Any]:
     from workers.export import export_adapter
-    from workers.infer import AdapterRef
+    from workers.inference.classify import AdapterRef
     with session_scope() as s:  # a re-delivered job whose export was registered: done
         done = resq.artifact_by_job(job.id, session=s)
         if done is not None:
@@ -238,7 +238,7 @@ def run_pipeline(job_id: int) -> str:
 
 @app.task(name=ADVANCE_PIPELINE, acks_late=True)
 def advance_pipeline(job_id: int) -> str:
-    from workers.shards import advance as advance_shards  # a sharded classify job's shard ended
+    from workers.jobs.shards import advance as advance_shards  # a sharded classify job's shard ended
     return advance_shards(job_id) or advance(job_id)
 
 

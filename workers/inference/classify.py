@@ -1,6 +1,6 @@
 """Batched classification: a job's items through the base model or an adapter, predictions stored per batch.
 
-Plain functions; the Celery task (`workers/tasks.py`) looks up the dataset folder and adapter the spec
+Plain functions; the Celery task (`workers/jobs/tasks.py`) looks up the dataset folder and adapter the spec
 names and calls `run_classify(spec, ctx, dataset_dir=..., adapter=AdapterRef(7, path))`, which returns a
 `ClassifyResult` over every stored item of the job (a resumed job included).
 """
@@ -13,14 +13,14 @@ from typing import Any, Callable
 
 from core.contracts.prediction import PredictionRow
 from core.contracts.results import ClassifyResult
-from workers.context import JobContext
+from core.context import JobContext
 from workers.inference.engine import (AdapterError, AdapterMeta, AdapterRef, InferenceEngine, clear_engines,
                                       get_engine, read_adapter_meta)
 from workers.inference.items import InputFileError, load_items, read_text_strict
 from workers.modeling.codec import LabelTokensError, PromptCodec
 from workers.modeling.generation import generate, parse_label
 from workers.modeling.scoring import score_labels, softmax_probs
-from workers.specs.classify import ClassifySpec
+from core.specs.classify import ClassifySpec
 
 __all__ = ["run_classify", "classify_items", "load_items", "get_engine", "clear_engines", "InferenceEngine", "AdapterRef",
            "AdapterMeta", "AdapterError", "InputFileError", "LabelTokensError", "read_adapter_meta",
@@ -38,14 +38,14 @@ def run_classify(spec: ClassifySpec, ctx: JobContext, *, dataset_dir: Path | Non
         dataset_dir: the prepared dataset folder the spec's dataset_id names (None without one).
         adapter: the adapter the spec's adapter_id names (None for the base model).
         shard: called with the number of valid items before any is classified; it may hand them to shard
-            jobs instead (`workers.shards.split`, which then raises `ShardsPending`).
+            jobs instead (`workers.jobs.shards.split`, which then raises `ShardsPending`).
 
     Raises:
         InputFileError, AdapterError, ValueError: see `load_items` and `classify_items`.
     """
     from core.contracts.dataset import DatasetMeta
     from workers.modeling.prompts import default_instruction
-    from workers.specs.prep import AG_NEWS_LABELS
+    from core.specs.prep import AG_NEWS_LABELS
     sources = []
     if adapter is not None:
         sources.append(read_adapter_meta(adapter.path))

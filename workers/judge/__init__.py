@@ -48,15 +48,16 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 import numpy as np
 
 from core.contracts.judge import JudgeRow
-from workers.context import JobCancelled, JobContext
-from workers.specs.judge import JudgeSpec
+from core.stats import mean_ci, wilson_interval
+from core.context import JobCancelled, JobContext
+from core.specs.judge import JudgeSpec
 
 OLLAMA_DEFAULT_MODEL = "deepseek-r1:8b"
 LOCAL_DEFAULT_MODEL = "smollm2-135m"
 LOCAL_DEFAULT_MAX_NEW_TOKENS = 128
 RAW_KEEP_CHARS = 2000  # the judge's raw answer kept on each row
 MAX_BACKOFF_S = 30.0
-DIALOGUE_FILE = Path(__file__).resolve().parent / "data" / "dialogue.jsonl"
+DIALOGUE_FILE = Path(__file__).resolve().parents[1] / "data" / "dialogue.jsonl"
 AGREE_POINTS = 5.0  # two scores of the same item within this many points agree
 
 
@@ -692,7 +693,7 @@ class LocalJudge:
     def __init__(self, model: str = LOCAL_DEFAULT_MODEL, *, max_new_tokens: int = LOCAL_DEFAULT_MAX_NEW_TOKENS,
                  dtype: str = "auto", device: str = "auto", rubric: Rubric = TWO_SCORE,
                  scoring: str = "text") -> None:
-        from workers.models import load_model
+        from workers.modeling.registry import load_model
 
         if scoring not in ("text", "probability"):
             raise ValueError(f"unknown scoring {scoring!r}: use 'text' or 'probability'")
@@ -706,7 +707,7 @@ class LocalJudge:
 
     def digest(self) -> str | None:
         if self._digest is None:
-            from workers.models import model_digest
+            from workers.modeling.registry import model_digest
             self._digest = model_digest(self.model)
         return self._digest
 
@@ -1067,8 +1068,6 @@ def judge_validity(rows: Sequence[Mapping[str, Any]], scale: str) -> dict[str, A
         {scale, n_pairs, k_correct, n_ties, n_unscored_pairs, rate, ci, chance, beats_chance,
          self_agreement {n, k_within, within_points, rate, ci, mean_abs_diff} | None}.
     """
-    from workers.evaluate import wilson_interval
-
     ctl = [r for r in rows if r.get("control")]
     first = {(r["pair_id"], r["control"]): r for r in ctl if not r.get("repeat")}
     pairs: dict[str, dict[str, Mapping[str, Any]]] = {}
@@ -1139,19 +1138,6 @@ def _as_dict(r: JudgeRow | Mapping[str, Any]) -> Mapping[str, Any]:
     return r
 
 
-def _mean_ci(values: np.ndarray, bootstrap: int, seed: int) -> dict[str, Any] | None:
-    if values.size == 0:
-        return None
-    ci = None
-    if bootstrap > 0:
-        rng = np.random.default_rng(seed)
-        boots = values[rng.integers(0, values.size, size=(bootstrap, values.size))].mean(axis=1)
-        lo, hi = np.percentile(boots, [2.5, 97.5])
-        ci = [float(lo), float(hi)]
-    return {"mean": float(values.mean()), "ci": ci, "std": float(values.std(ddof=1)) if values.size > 1 else 0.0,
-            "n": int(values.size)}
-
-
 def _scales_of(rows: Sequence[Mapping[str, Any]]) -> tuple[str, ...]:
     name = next((r.get("rubric") for r in rows if r.get("rubric")), None)
     return RUBRICS[name].scales if name in RUBRICS else TWO_SCORE.scales
@@ -1190,7 +1176,7 @@ def summarize_judgements(rows: Sequence[JudgeRow | Mapping[str, Any]], *, bootst
     }
     for k, scale in enumerate(scales):
         vals = np.array([float(r[scale]) for r in items if r.get(scale) is not None], dtype=np.float64)
-        out[scale] = _mean_ci(vals, bootstrap, seed + k)
+        out[scale] = mean_ci(vals, bootstrap, seed + k)
         out["scores"][scale] = vals.tolist()
         out["histogram"][scale] = np.histogram(vals, bins=edges)[0].astype(int).tolist()
     spreads = [r["spread"] for r in items if r.get("spread")]
@@ -1223,7 +1209,7 @@ def compare_judgements(rows_a: Sequence[JudgeRow | Mapping[str, Any]], rows_b: S
     for scale in scales:
         both = [i for i in a if i in b and a[i].get(scale) is not None and b[i].get(scale) is not None]
         d = np.array([float(b[i][scale]) - float(a[i][scale]) for i in both], dtype=np.float64)
-        out[scale] = _mean_ci(d, bootstrap, seed)
+        out[scale] = mean_ci(d, bootstrap, seed)
     return out
 
 
@@ -1342,7 +1328,7 @@ def run_judge(spec: JudgeSpec, inputs: JudgeInputs, ctx: JobContext) -> dict[str
         JudgeInputError: nothing to judge; JudgeFatal, JudgeUnavailable, JobCancelled as `judge_items`.
     """
     if spec.dialogue:
-        from workers.models import load_model
+        from workers.modeling.registry import load_model
 
         items = dialogue_items()
         template = "alpaca"

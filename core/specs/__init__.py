@@ -8,15 +8,15 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from workers.specs.base import Spec
-from workers.specs.classify import ClassifySpec, ClassifyItem
-from workers.specs.evaluate import EvaluateSpec
-from workers.specs.export import ExportSpec
-from workers.specs.judge import JudgeSpec
-from workers.specs.noop import NoopSpec
-from workers.specs.pipeline import PipelineSpec
-from workers.specs.prep import PrepSpec, SourceSpec
-from workers.specs.train import LoraSpec, TrainSpec
+from core.specs.base import Spec
+from core.specs.classify import ClassifySpec, ClassifyItem
+from core.specs.evaluate import EvaluateSpec
+from core.specs.export import ExportSpec
+from core.specs.judge import JudgeSpec
+from core.specs.noop import NoopSpec
+from core.specs.pipeline import PipelineSpec
+from core.specs.prep import PrepSpec, SourceSpec
+from core.specs.train import LoraSpec, TrainSpec
 
 SPECS: dict[str, type[Spec]] = {
     "noop": NoopSpec,

@@ -24,7 +24,7 @@ from db import jobs as jobq
 from db import results as resq
 from db.models import TERMINAL, Job, utcnow
 from db.session import session_scope
-from workers.specs.classify import ClassifySpec
+from core.specs.classify import ClassifySpec
 
 
 class ShardsPending(Exception):
@@ -54,7 +54,7 @@ def split(job_id: int, spec: ClassifySpec, n_items: int, *, shard_size: int | No
     if spec.shard is not None or n_items <= size:
         return
     from broker.app import enqueue
-    from workers.version import code_version
+    from core.version import code_version
     ranges = shard_ranges(n_items, size)
     base = spec.model_dump(mode="json", exclude={"shard"})
     to_send: list[int] = []

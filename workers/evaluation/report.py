@@ -1,6 +1,6 @@
 """Reports: one self-contained HTML page (plots embedded as PNG data URIs) and a terminal table.
 
-Both read only the evaluation document from `workers.evaluate.evaluate_runs` (plain JSON), so a report
+Both read only the evaluation document from `workers.evaluation.evaluate.evaluate_runs` (plain JSON), so a report
 can be re-rendered later from the stored result. Plots use matplotlib's Agg canvas directly (no pyplot
 global state, safe in a worker thread).
 """
@@ -414,7 +414,7 @@ def write_report(evaluation: Mapping[str, Any], out_dir: Path, *,
     """Write `report.html` and its PNG plots (also embedded in the page) into out_dir.
 
     Args:
-        evaluation: the document from `workers.evaluate.evaluate_runs`.
+        evaluation: the document from `workers.evaluation.evaluate.evaluate_runs`.
         out_dir: created if needed.
         loss_history: training rows {step, loss, val_loss?, val_accuracy?, train_s?}, for the loss curves
             and the time-to-accuracy plot.
@@ -426,7 +426,7 @@ def write_report(evaluation: Mapping[str, Any], out_dir: Path, *,
         ValueError: the evaluation holds no models.
     """
     if not evaluation.get("models"):
-        raise ValueError("the evaluation holds no models: build it with workers.evaluate.evaluate_runs")
+        raise ValueError("the evaluation holds no models: build it with workers.evaluation.evaluate.evaluate_runs")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     images: dict[str, str] = {}

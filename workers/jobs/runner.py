@@ -23,8 +23,8 @@ from db.session import session_scope
 from core.contracts.judge import JudgeRow
 from core.contracts.prediction import PredictionRow
 from core.settings import get_settings
-from workers.context import JobCancelled
-from workers.specs import parse_spec
+from core.context import JobCancelled
+from core.specs import parse_spec
 
 log = logging.getLogger("newslora.worker")
 
@@ -131,7 +131,7 @@ class StoreContext:
                 if with_event:
                     jobq.add_event(self.job_id, message or "progress", session=s, metrics=info)
                 if self.shard_parent is not None:
-                    from workers.shards import roll_up
+                    from workers.jobs.shards import roll_up
                     roll_up(self.shard_parent, session=s)
         _with_store_retries(self.job_id, "progress", write)
         if with_event:
@@ -222,7 +222,7 @@ def run_job(job_id: int, kind: str, handler: Handler, *, worker: str | None = No
     work_dir = s.path("jobs", str(job_id))
     ctx = StoreContext(job_id, worker, work_dir, time_limit_s=s.job_time_limit_s)
     ctx.start()
-    from workers.shards import ShardsPending, is_shard
+    from workers.jobs.shards import ShardsPending, is_shard
     ctx.shard_parent = job.parent_id if is_shard(job) else None
     try:
         spec = parse_spec(kind, job.spec)

@@ -4,7 +4,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from workers.specs.base import Spec
+from core.specs.base import Spec
 
 GGUF_QUANTS = ("f16", "q8_0")  # what workers/export/gguf_writer.py writes
 

@@ -4,7 +4,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from workers.specs.base import Spec
+from core.specs.base import Spec
 
 AG_NEWS_LABELS = ["World", "Sports", "Business", "Sci/Tech"]
 

@@ -1,0 +1,1 @@
+"""Evaluation: metrics, the classical baseline, the evaluate job and its report."""

@@ -1,0 +1,1 @@
+"""The job runtime: Celery tasks (glue), handlers, the runner's lease, pipelines and shards."""
