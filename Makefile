@@ -1,12 +1,13 @@
 # newslora: the two commands a newcomer runs on a fresh machine.
 #   make demo   install, then run the main job (agnews-smollm2-quick) on the embedded default
-#   make test   install, start PostgreSQL and Redis if they are not running, run the whole suite
+#   make test   install (Python packages, the torchtune env, chromium, docker-compose), start PostgreSQL
+#               and Redis if they are not running, run the whole suite
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 DATA   ?= ../shared/data/ag_news
 
-.PHONY: install install-torchtune demo test services bench clean
+.PHONY: install install-torchtune test-tools demo test services bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,7 +46,11 @@ demo: install
 services:
 	bash scripts/start_services.sh
 
-test: install install-torchtune services
+# chromium for the dashboard's browser tests, docker-compose to validate docker-compose.yml (apt-get).
+test-tools:
+	bash scripts/install_test_tools.sh
+
+test: install install-torchtune test-tools services
 	$(PY) -m pytest -ra
 
 bench: install
