@@ -4,7 +4,10 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+from fastapi import Path as PathParam, Query
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, GetJsonSchemaHandler
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema
 
 from core.specs import SPECS
 
@@ -18,6 +21,10 @@ MAX_ID = 2**31 - 1
 MAX_OFFSET = 2**63 - 1
 # An idempotency key: printable text (the same rule as the `Idempotency-Key` header), at most the column's width.
 IDEMPOTENCY_KEY_PATTERN = r"^[^\x00-\x1f\x7f]+$"
+
+# A row id in a path and an offset in a query, bounded by what the store can hold: beyond, a 422, not a 500.
+RowId = Annotated[int, PathParam(ge=1, le=MAX_ID, description="A row id.")]
+Offset = Annotated[int, Query(ge=0, le=MAX_OFFSET, description="How many rows to skip.")]
 
 
 def _known_kind(kind: Any) -> Any:
@@ -47,6 +54,23 @@ class JobCreate(BaseModel):
                     "first job (200); with a different one, 409.")
     parent_id: int | None = Field(default=None, ge=1, le=MAX_ID)
 
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        """The body's schema says which spec each kind takes, unknown fields refused as the server refuses them:
+        `oneOf` one variant per kind, its `spec` that kind's spec model.
+
+        Only the schema says so: the server validates `spec` itself (`create_job`), so a bad spec's 422 names
+        the field by its path within the spec, and an unknown kind's lists the known ones.
+        """
+        body = handler.resolve_ref_schema(handler(core_schema))
+        body["properties"]["spec"].pop("additionalProperties", None)  # each variant's spec model says which
+        body["oneOf"] = [
+            {**body, "title": f"JobCreate ({kind})",
+             "properties": {**body["properties"], "kind": {"type": "string", "const": kind},
+                            "spec": handler(model.__pydantic_core_schema__)}}
+            for kind, model in SPECS.items()]
+        return body
+
 
 class ErrorOut(BaseModel):
     """The body of every error but 422: what went wrong, in one sentence."""
@@ -62,6 +86,28 @@ class FieldError(BaseModel):
 class ValidationErrorOut(BaseModel):
     """The body of every 422: one entry per bad field (never the input itself)."""
     detail: list[FieldError]
+
+
+# What each error status means here; every route documents the ones it can answer (see `errors`).
+ERROR_MEANINGS: dict[int, str] = {
+    400: "The body is not JSON (or not UTF-8).",
+    401: "Missing or wrong `Authorization: Bearer` token (required when the API listens beyond loopback).",
+    403: "A dataset, input or model path lies outside the allowed data folders (NEWSLORA_DATA_ROOTS).",
+    404: "No row with that id.",
+    409: "The request conflicts with the row's state (or with an earlier use of the idempotency key).",
+    413: "The request body is over NEWSLORA_MAX_BODY_BYTES.",
+    422: "A parameter or field is invalid: one entry per problem, naming where and what.",
+    503: "The database (or, at submission, the broker) is unavailable; nothing was written, try again shortly.",
+}
+
+
+def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """The `responses=` of a route: each error status it can answer, with its body model."""
+    return {code: {"model": ValidationErrorOut if code == 422 else ErrorOut, "description": ERROR_MEANINGS[code]}
+            for code in codes}
+
+
+ROW_ERRORS = errors(404, 422, 503)  # a route that reads one row by its id
 
 
 class JobOut(BaseModel):

@@ -393,11 +393,11 @@ def cmd_eval(args) -> int:
         raise SystemExit(f"newslora eval {args.action}: give an evaluation id")
     ev = client.evaluation(args.id)
     if args.action == "show":
-        from workers.evaluation.report import render_table
+        from workers.evaluation.report import render_table  # lazy: matplotlib, only for `eval show` and `run`
         print(render_table(ev["document"]))
         return 0
     if args.action == "report":
-        from workers.evaluation.report import write_report
+        from workers.evaluation.report import write_report  # lazy: matplotlib, only for `eval report`
         out = Path(args.out or Path.cwd() / f"newslora-eval-{args.id}")
         history = ev["document"].get("loss_history")
         path = write_report(ev["document"], out, loss_history=history)
@@ -421,7 +421,7 @@ def cmd_run(args) -> int:
         return EXIT_FAILED
     result = job.get("result") or {}
     if result.get("evaluation_id"):
-        from workers.evaluation.report import render_table
+        from workers.evaluation.report import render_table  # lazy: matplotlib, only for `eval show` and `run`
         ev = client.evaluation(result["evaluation_id"])
         print(render_table(ev["document"]))
         if ev.get("report_path"):

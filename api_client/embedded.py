@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from api_client.client import ApiError, Client
-from core.settings import get_settings
+from core.settings import child_environment, get_settings
 
 PROCESSES = ("api", "worker")
 
@@ -77,7 +77,7 @@ def start(*, wait_s: float = 90.0, quiet: bool = False) -> None:
         raise RuntimeError("BROKER_URL or DATABASE_URL is set: start the API and workers of that deployment "
                            "instead (see docker-compose.yml)")
     logs = s.path("logs")
-    env = {**os.environ, "NEWSLORA_HOME": str(s.home)}
+    env = child_environment(NEWSLORA_HOME=str(s.home))
     repo = Path(__file__).resolve().parents[1]
     for name, cmd in commands().items():
         if _pid(name):

@@ -26,7 +26,7 @@ $PY -m api_client.cli down >/dev/null 2>&1
 # classify (score, and generate with 30 new tokens / repetition penalty 1.2), evaluate. The torchtune
 # case is skipped, saying why, where the isolated environment is missing (`make install-torchtune`).
 NEWSLORA_SHARED_DATA="$(dirname "${DATA_DIR:-../shared/data/ag_news}")" \
-NEWSLORA_STANDIN_DEVICE=cuda $PY -m pytest -q -s -rs tests/workers/test_llama2_standin.py -k end_to_end 2>&1 \
+NEWSLORA_STANDIN_DEVICE=cuda $PY -m pytest -q -s -rs tests/workers/train/test_llama2_standin.py -k end_to_end 2>&1 \
     | tee "$OUT/llama2_standin_cuda.log" | grep -E '^\{|passed|failed|SKIPPED|Error' | tail -8
 $PY bench/gpu_llama7b_lora.py --steps 20 2>&1 | tee "$OUT/llama7b_lora.json"
 echo "{\"gpu_check_wall_s\": $(( $(date +%s) - start ))}"

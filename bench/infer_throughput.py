@@ -32,8 +32,10 @@ from pathlib import Path
 
 import torch
 
+from core.settings import get_settings
+
 REPO = Path(__file__).resolve().parents[1]
-AG_NEWS = Path(os.environ.get("NEWSLORA_SHARED_DATA", REPO.parent / "shared" / "data")) / "ag_news"
+AG_NEWS = get_settings().shared_data / "ag_news"
 LABELS = ["World", "Sports", "Business", "Sci/Tech"]
 PRESET_LORA = {"rank": 16, "alpha": 32,
                "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}

@@ -20,7 +20,8 @@ startup_s). Each in-process backend also takes one untimed warm-up step before t
   batches).
 - newslora_peft_layers: the same loop with `train.lean_forward=false` (PEFT's own LoRA layers instead of
   the packed forward of `workers/modeling/lora_forward.py`): what that forward adds.
-- torchtune: `workers.train.torchtune_backend`, the torchtune LoRA recipe in its own environment.
+- torchtune: `workers.train.torchtune` (timed by `bench/torchtune_throughput.py`), the torchtune LoRA recipe
+  in its own environment.
 
 Tokens, per backend:
 - data_tokens: the real tokens of the examples trained on (prompt + label + EOS, no padding; the shared
@@ -70,7 +71,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.torchtune_throughput import torchtune_tokens_per_s  # noqa: E402
 from core.contracts.dataset import DatasetMeta  # noqa: E402
+from core.settings import get_settings  # noqa: E402
 from core.context import LocalContext  # noqa: E402
 from workers.modeling.registry import cpu_has_fast_bf16, pick_dtype, resolve_model  # noqa: E402
 from workers.modeling.prompts import default_instruction  # noqa: E402
@@ -78,7 +81,7 @@ from core.specs.train import TrainSpec  # noqa: E402
 from workers.train.peft_loop import PeftLoraTrainer  # noqa: E402
 
 LABELS = ["World", "Sports", "Business", "Sci/Tech"]
-AG_NEWS = REPO.parent / "shared" / "data" / "ag_news" / "train.jsonl"
+AG_NEWS = get_settings().shared_data / "ag_news" / "train.jsonl"  # $NEWSLORA_SHARED_DATA
 TEST_CACHE = Path.home() / ".cache" / "newslora-test" / "smollm2-135m"
 
 
@@ -286,7 +289,6 @@ class NewsloraLoop:
 def torchtune_round(model_dir: Path, ds: Path, spec: TrainSpec, steps: int, work_dir: Path,
                     mean_keys_per_token: float) -> tuple[Work, float, dict[str, Any]]:
     """One torchtune recipe run of steps + 1 steps; (work, seconds) of the steps after the first."""
-    from workers.train.torchtune_backend import torchtune_tokens_per_s
     info = torchtune_tokens_per_s(str(model_dir), steps=steps + 1, batch_size=spec.batch_size,
                                   max_seq_len=spec.max_seq_len, dataset_dir=ds, work_dir=work_dir)
     rows = [json.loads(x) for x in (work_dir / "out" / "metrics.jsonl").read_text().splitlines()]

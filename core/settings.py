@@ -6,11 +6,16 @@ store and kombu's SQLAlchemy transport (also on SQLite) for the broker, all unde
 """
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Iterable
 
-from pydantic import Field
+from pydantic import Field, PrivateAttr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 class Settings(BaseSettings):
@@ -49,6 +54,36 @@ class Settings(BaseSettings):
     # worker takes a part (workers/jobs/shards.py); a killed worker costs at most one shard's unsaved items.
     classify_shard_size: int = Field(default=4000, ge=1, alias="NEWSLORA_CLASSIFY_SHARD_SIZE")
     max_body_bytes: int = Field(default=50 * 1024 * 1024, alias="NEWSLORA_MAX_BODY_BYTES")
+    # The torchtune backend's isolated environment (scripts/setup_torchtune_env.sh): a python executable,
+    # else a venv folder, else the repository's .venv-torchtune.
+    torchtune_python: Path | None = Field(default=None, alias="NEWSLORA_TORCHTUNE_PYTHON")
+    torchtune_venv: Path | None = Field(default=None, alias="NEWSLORA_TORCHTUNE_VENV")
+    # The shared data folder (ag_news/ ...) the benchmarks read their articles from.
+    shared_data: Path = Field(default=REPO.parent / "shared" / "data", alias="NEWSLORA_SHARED_DATA")
+    # W&B's mode for training runs with `wandb: true` (both backends): offline unless set otherwise, so a run
+    # syncs only where asked to ("online"); "disabled" turns it off.
+    wandb_mode: str = Field(default="offline", alias="WANDB_MODE")
+    # ---- sharing one instance with a team (README "Running it for a team")
+    # Folders that model and tokenizer paths given to the API must lie under (besides home).
+    model_roots: list[Path] = Field(default_factory=list, alias="NEWSLORA_MODEL_ROOTS")
+    # Host names the API answers to (the Host header; DNS rebinding): loopback names by default.
+    allowed_hosts: list[str] = Field(default_factory=lambda: ["127.0.0.1", "localhost", "::1", "[::1]"],
+                                     alias="NEWSLORA_ALLOWED_HOSTS")
+    # Judge endpoints a judge spec may name (Ollama hosts and OpenAI-compatible base URLs): a worker calls
+    # nothing else. The local Ollama by default.
+    judge_urls: list[str] = Field(default_factory=lambda: ["http://127.0.0.1:11434", "http://localhost:11434",
+                                                           "http://127.0.0.1:11434/v1", "http://localhost:11434/v1"],
+                                  alias="NEWSLORA_JUDGE_URLS")
+    # Environment variables a judge spec may name as `api_key_env` (never the API's own token).
+    judge_key_envs: list[str] = Field(default_factory=lambda: ["OPENAI_API_KEY", "NEWSLORA_JUDGE_API_KEY"],
+                                      alias="NEWSLORA_JUDGE_KEY_ENVS")
+    # One upload's size limit (POST /files, /v1/files).
+    max_upload_bytes: int = Field(default=512 * 1024 * 1024, ge=1, alias="NEWSLORA_MAX_UPLOAD_BYTES")
+    # Items a classify job may carry in its body; a larger batch is an uploaded file (sharded as usual).
+    max_inline_items: int = Field(default=10_000, ge=1, alias="NEWSLORA_MAX_INLINE_ITEMS")
+    # NEWSLORA_<PRESET>_DIR (the preset's name upper-cased, '-' as '_'), e.g. NEWSLORA_LLAMA2_7B_DIR: a local
+    # checkpoint folder that the model preset loads from instead of its own source (`preset_dir`).
+    _preset_dirs: dict[str, Path] = PrivateAttr(default_factory=lambda: _preset_dirs_from_environ())
 
     def redelivery_warning(self) -> str | None:
         """Why Redis could deliver a healthy running job a second time, or None when the settings agree."""
@@ -81,6 +116,10 @@ class Settings(BaseSettings):
         p.mkdir(parents=True, exist_ok=True)
         return p
 
+    def preset_dir(self, preset: str) -> Path | None:
+        """The checkpoint folder $NEWSLORA_<PRESET>_DIR names for a model preset, or None."""
+        return self._preset_dirs.get(preset_dir_variable(preset))
+
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
@@ -90,3 +129,29 @@ def get_settings() -> Settings:
 def reset_settings() -> None:
     """Forget the cached settings (tests change the environment)."""
     get_settings.cache_clear()
+
+
+def preset_dir_variable(preset: str) -> str:
+    """The environment variable that points a model preset at a local checkpoint folder."""
+    return f"NEWSLORA_{preset.upper().replace('-', '_')}_DIR"
+
+
+def _preset_dirs_from_environ() -> dict[str, Path]:
+    return {k: Path(v).expanduser() for k, v in os.environ.items()
+            if k.startswith("NEWSLORA_") and k.endswith("_DIR") and v}
+
+
+def child_environment(*, drop: Iterable[str] = (), **overrides: str) -> dict[str, str]:
+    """The environment for a subprocess: this process's, less the variables in `drop`, plus `overrides`.
+
+    The one place a child's environment is built from os.environ (a subprocess inherits the settings'
+    variables, PATH, HOME ... as it would by default).
+    """
+    dropped = set(drop)
+    return {**{k: v for k, v in os.environ.items() if k not in dropped}, **overrides}
+
+
+def environment_secret(name: str) -> str | None:
+    """The value of the environment variable `name`, for a secret a spec may only name (a judge's API key
+    variable: which names are allowed is the judge spec's rule), or None when unset or empty."""
+    return os.environ.get(name) or None

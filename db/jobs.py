@@ -160,7 +160,6 @@ def request_cancel(job_id: int, *, session: Session) -> Job:
 def stale_queued_jobs(*, session: Session, older_than_s: float) -> Sequence[Job]:
     """Queued jobs untouched for `older_than_s`: their message may have been lost (a broker killed before
     it wrote the message to disk). Each is touched, so it is re-sent at most once per period."""
-    from datetime import timedelta
     jobs = session.scalars(select(Job).where(Job.status == "queued",
                                              Job.updated_at < utcnow() - timedelta(seconds=older_than_s))).all()
     for j in jobs:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import (JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text,
+from sqlalchemy import (JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text,
                         UniqueConstraint)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -22,10 +22,58 @@ JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 TERMINAL = ("succeeded", "failed", "cancelled")
 
 
+ROLES = ("admin", "member")
+
+
+class User(Base):
+    """Someone who submits jobs: a member sees and changes only what they own, an admin sees all."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    role: Mapped[str] = mapped_column(String(16), default="member")
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class ApiToken(Base):
+    """An API token: only its SHA-256 is stored (the token itself is shown once, at creation)."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))  # the token's first characters, to tell tokens apart
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class StoredFile(Base):
+    """An uploaded file (or a job's output file): bytes on disk under the home, owner, purpose, sha256."""
+
+    __tablename__ = "files"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)  # "file-<hex>"
+    owner_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"), nullable=True,
+                                                 index=True)
+    filename: Mapped[str] = mapped_column(String(255))
+    purpose: Mapped[str] = mapped_column(String(32), index=True)
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16), default="processed")
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
+
+
 class Job(Base):
     __tablename__ = "jobs"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # Who submitted it (None: before users existed, or an internal job); children inherit their parent's.
+    owner_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL", name="fk_jobs_owner_id"),
+                                                 nullable=True, index=True)
     kind: Mapped[str] = mapped_column(String(32), index=True)
     queue: Mapped[str] = mapped_column(String(32))
     status: Mapped[str] = mapped_column(String(16), index=True, default="queued")
@@ -80,14 +128,18 @@ class Dataset(Base):
 
 
 class ModelArtifact(Base):
-    """A base model or a trained adapter: where it lives, its spec, its hash."""
+    """A base model, a trained adapter or an export of one: where it lives, its spec, its hash."""
 
     __tablename__ = "model_artifacts"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"), nullable=True,
                                                unique=True)
-    kind: Mapped[str] = mapped_column(String(16))  # "base" | "adapter"
+    kind: Mapped[str] = mapped_column(String(16))  # "base" | "adapter" | "export"
+    # An export's adapter (the artifact it was made from), so an adapter's exports are one indexed query.
+    source_adapter_id: Mapped[int | None] = mapped_column(
+        ForeignKey("model_artifacts.id", ondelete="SET NULL", name="fk_model_artifacts_source_adapter_id"),
+        nullable=True, index=True)
     name: Mapped[str] = mapped_column(String(200))
     base_model: Mapped[str] = mapped_column(String(500))
     path: Mapped[str] = mapped_column(Text)

@@ -139,11 +139,11 @@ def get_artifact(artifact_id: int, *, session: Session) -> ModelArtifact | None:
     return session.get(ModelArtifact, artifact_id)
 
 
-def exports_of(adapter_id: int, *, session: Session) -> list[ModelArtifact]:
-    """The export artifacts made from an adapter (kind 'export', the adapter's id in their spec), newest first."""
-    rows = session.scalars(select(ModelArtifact).where(ModelArtifact.kind == "export")
+def exports_of(adapter_id: int, *, session: Session) -> Sequence[ModelArtifact]:
+    """The export artifacts made from an adapter (kind 'export', `source_adapter_id` the adapter's), newest first."""
+    return session.scalars(select(ModelArtifact).where(ModelArtifact.kind == "export",
+                                                       ModelArtifact.source_adapter_id == adapter_id)
                            .order_by(ModelArtifact.id.desc())).all()
-    return [r for r in rows if (r.spec or {}).get("adapter_id") == adapter_id]
 
 
 def list_artifacts(*, session: Session, limit: int = 50, offset: int = 0) -> Sequence[ModelArtifact]:

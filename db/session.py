@@ -9,8 +9,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Iterator
 
+from alembic import command
+from alembic.config import Config
 from sqlalchemy import create_engine, event, text
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -82,18 +84,14 @@ def wait_for_db(url: str | None = None, *, retries: int | None = None, delay_s: 
 
 def _redact(url: str) -> str:
     """The URL without its password (never log secrets)."""
-    from sqlalchemy.engine import make_url
     try:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:  # noqa: BLE001
         return "<database>"
 
 
-def upgrade_db(url: str | None = None) -> None:
-    """Run the Alembic migrations to head, one process at a time."""
-    from alembic import command
-    from alembic.config import Config
-
+def upgrade_db(url: str | None = None, *, revision: str = "head") -> None:
+    """Run the Alembic migrations up to `revision` (tests stop at an older one), one process at a time."""
     url = url or get_settings().resolved_database_url
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
@@ -105,12 +103,12 @@ def upgrade_db(url: str | None = None) -> None:
             fcntl.flock(fh, fcntl.LOCK_EX)
             with engine.begin() as conn:
                 cfg.attributes["connection"] = conn
-                command.upgrade(cfg, "head")
+                command.upgrade(cfg, revision)
     else:
         with engine.begin() as conn:
             conn.execute(text("SELECT pg_advisory_xact_lock(771177)"))
             cfg.attributes["connection"] = conn
-            command.upgrade(cfg, "head")
+            command.upgrade(cfg, revision)
 
 
 def init_db(url: str | None = None) -> None:

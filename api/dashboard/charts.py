@@ -11,6 +11,8 @@ from typing import Sequence
 
 from markupsafe import Markup, escape
 
+from core.formatting import pct
+
 COLOURS = ("#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860")
 
 
@@ -131,7 +133,8 @@ def interval_chart(rows: Sequence[Interval], *, title: str, lo: float = 0.0, hi:
     for t in _ticks(lo, hi):
         x = f.x(t)
         f.parts.append(f'<line class="grid" x1="{x:.1f}" x2="{x:.1f}" y1="{f.top}" y2="{height - f.bottom}"/>'
-                       f'<text class="tick" x="{x:.1f}" y="{height - 8}" text-anchor="middle">{t * 100:.0f}%</text>')
+                       f'<text class="tick" x="{x:.1f}" y="{height - 8}" text-anchor="middle">'
+                       f'{pct(t, digits=0)}</text>')
     for i, r in enumerate(rows):
         y = f.top + row_h * i + row_h / 2
         f.parts.append(f'<text class="label" x="{left - 8}" y="{y + 4:.1f}" text-anchor="end">{escape(r.label)}</text>')

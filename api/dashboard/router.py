@@ -15,16 +15,17 @@ from typing import Annotated, Any
 from urllib.parse import urlencode
 
 import jinja2
-from fastapi import APIRouter, Depends, HTTPException, Path as PathParam, Query, Request
+from fastapi import APIRouter, HTTPException, Path as PathParam, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, Response
 from fastapi.templating import Jinja2Templates
 from sqlalchemy.orm import Session
 
 from api.dashboard import views
+from api.deps import CallerDep, SessionDep
+from api.routers.jobs import job_or_404
 from api.schemas import MAX_ID
 from db import jobs as jobq
 from db import results as resq
-from db.session import session_scope
 
 HERE = Path(__file__).resolve().parent
 STATIC_FILES = {"dashboard.js": "text/javascript", "dashboard.css": "text/css"}
@@ -71,22 +72,10 @@ def is_public_path(method: str, path: str) -> bool:
                                                      and not path.startswith("/dashboard/fragments/"))
 
 
-def db() -> Session:
-    with session_scope() as s:
-        yield s
-
-
 def _fragment(request: Request, name: str, **context: Any) -> HTMLResponse:
     resp = templates.TemplateResponse(request, name, context)
     resp.headers["Cache-Control"] = "no-store"
     return resp
-
-
-def _job_or_404(job_id: int, s: Session):
-    try:
-        return jobq.get_job(job_id, session=s)
-    except jobq.JobNotFound as e:
-        raise HTTPException(404, str(e)) from None
 
 
 def _blank(v: str | None) -> str | None:
@@ -117,19 +106,19 @@ def _job_list_context(s: Session, kind: str | None, status: str | None, offset: 
 
 
 @router.get("/dashboard/fragments/jobs")
-def jobs_fragment(request: Request, kind: str | None = None, status: str | None = None,
-                  offset: Offset = 0, s: Session = Depends(db)) -> HTMLResponse:
+def jobs_fragment(request: Request, s: SessionDep, caller: CallerDep, kind: str | None = None,
+                  status: str | None = None, offset: Offset = 0) -> HTMLResponse:
     return _fragment(request, "jobs.html", **_job_list_context(s, kind, status, offset))
 
 
 @router.get("/dashboard/fragments/jobs/rows")
-def job_rows_fragment(request: Request, kind: str | None = None, status: str | None = None,
-                      offset: Offset = 0, s: Session = Depends(db)) -> HTMLResponse:
+def job_rows_fragment(request: Request, s: SessionDep, caller: CallerDep, kind: str | None = None,
+                      status: str | None = None, offset: Offset = 0) -> HTMLResponse:
     return _fragment(request, "_job_rows.html", **_job_list_context(s, kind, status, offset))
 
 
 def _job_context(job_id: int, s: Session) -> dict[str, Any]:
-    job = _job_or_404(job_id, s)
+    job = job_or_404(job_id, s)
     return {"row": views.job_row(job), "job": job,
             "children": [views.job_row(c) for c in jobq.children(job.id, session=s)],
             "charts": views.training_curves(job, session=s),
@@ -137,21 +126,22 @@ def _job_context(job_id: int, s: Session) -> dict[str, Any]:
 
 
 @router.get("/dashboard/fragments/jobs/{job_id:int}")
-def job_fragment(request: Request, job_id: RowId, s: Session = Depends(db)) -> HTMLResponse:
+def job_fragment(request: Request, job_id: RowId, s: SessionDep, caller: CallerDep) -> HTMLResponse:
     return _fragment(request, "job.html", **_job_context(job_id, s))
 
 
 @router.get("/dashboard/fragments/jobs/{job_id:int}/summary")
-def job_summary_fragment(request: Request, job_id: RowId, s: Session = Depends(db)) -> HTMLResponse:
+def job_summary_fragment(request: Request, job_id: RowId, s: SessionDep, caller: CallerDep) -> HTMLResponse:
     return _fragment(request, "_job_summary.html", **_job_context(job_id, s))
 
 
 @router.get("/dashboard/fragments/jobs/{job_id:int}/predictions")
-def predictions_fragment(request: Request, job_id: RowId, wrong: bool = False, gold: str | None = None,
-                         predicted: str | None = None, min_conf: float | None = Query(None, ge=0, le=1),
+def predictions_fragment(request: Request, job_id: RowId, s: SessionDep, caller: CallerDep, wrong: bool = False,
+                         gold: str | None = None, predicted: str | None = None,
+                         min_conf: float | None = Query(None, ge=0, le=1),
                          max_conf: float | None = Query(None, ge=0, le=1), offset: Offset = 0,
-                         limit: int = Query(PAGE_SIZE, ge=1, le=500), s: Session = Depends(db)) -> HTMLResponse:
-    job = _job_or_404(job_id, s)
+                         limit: int = Query(PAGE_SIZE, ge=1, le=500)) -> HTMLResponse:
+    job = job_or_404(job_id, s)
     if job.kind != "classify":
         raise HTTPException(404, f"job {job_id} is a {job.kind} job; predictions belong to classify jobs")
     flt = views.PredictionFilter(wrong=wrong, gold=_blank(gold), predicted=_blank(predicted), min_conf=min_conf,
@@ -167,15 +157,15 @@ def predictions_fragment(request: Request, job_id: RowId, wrong: bool = False, g
 # ---------------------------------------------------------------- fragments: evaluations
 
 @router.get("/dashboard/fragments/evaluations")
-def evaluations_fragment(request: Request, offset: Offset = 0, s: Session = Depends(db)) -> HTMLResponse:
+def evaluations_fragment(request: Request, s: SessionDep, caller: CallerDep, offset: Offset = 0) -> HTMLResponse:
     rows, total = resq.list_evaluations(session=s, limit=PAGE_SIZE, offset=offset)
     return _fragment(request, "evaluations.html", evaluations=rows, total=total, offset=offset,
                      page_size=PAGE_SIZE, summary=views.evaluation_summary)
 
 
 @router.get("/dashboard/fragments/evaluations/compare")
-def compare_fragment(request: Request, a: EvalId, b: EvalId, ma: str | None = None, mb: str | None = None,
-                     s: Session = Depends(db)) -> HTMLResponse:
+def compare_fragment(request: Request, a: EvalId, b: EvalId, s: SessionDep, caller: CallerDep,
+                     ma: str | None = None, mb: str | None = None) -> HTMLResponse:
     evs = []
     for eid in (a, b):
         ev = resq.get_evaluation(eid, session=s)
@@ -195,7 +185,7 @@ def compare_fragment(request: Request, a: EvalId, b: EvalId, ma: str | None = No
 # ---------------------------------------------------------------- reports (served by the API, downloadable)
 
 @router.get("/evaluations/{eval_id}/report")
-def evaluation_report(eval_id: RowId, download: bool = False, s: Session = Depends(db)) -> Response:
+def evaluation_report(eval_id: RowId, s: SessionDep, caller: CallerDep, download: bool = False) -> Response:
     ev = resq.get_evaluation(eval_id, session=s)
     if ev is None:
         raise HTTPException(404, f"no evaluation with id {eval_id}")

@@ -9,12 +9,13 @@ import json
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from api.dashboard.charts import COLOURS, Interval, Series, interval_chart, line_chart
+from core.formatting import pct  # noqa: F401 - the templates' `pct` filter (router.py)
 from db import jobs as jobq
 from db import results as resq
 from db.models import JOB_STATUSES, TERMINAL, Evaluation, Job, utcnow
@@ -340,12 +341,3 @@ def report_html(ev: Evaluation) -> str:
     with tempfile.TemporaryDirectory(prefix="newslora-report-") as tmp:
         doc = ev.document or {}
         return write_report(doc, Path(tmp), loss_history=doc.get("loss_history")).read_text(encoding="utf-8")
-
-
-def pct(x: float | None, ci: Sequence[float] | None = None) -> str:
-    if x is None:
-        return "–"
-    s = f"{x * 100:.1f}%"
-    if ci:
-        s += f" [{ci[0] * 100:.1f}, {ci[1] * 100:.1f}]"
-    return s

@@ -11,4 +11,7 @@ Each has one owner model here, with a `format_version`, and is built and parsed 
 | judge rows | `judge.JudgeRow` | table `judge_scores` |
 | evaluation results | `evaluation.EvaluationDoc` | table `evaluations` (`document`) |
 | classify results | `results.ClassifyResult` | `jobs.result` of a classify job |
+| training results | `train.TrainResult` | `jobs.result` of a train job (both backends) |
+| judge summaries | `judge.JudgeSummary` | a judge job's summary, inside evaluation documents |
+| export manifest | `export.ExportManifest` | `<export>/export.json` |
 """

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from core.contracts.base import Contract
+from core.contracts.judge import JudgeSummary
 
 
 class EvaluationDoc(Contract):
@@ -18,10 +19,10 @@ class EvaluationDoc(Contract):
     comparisons: dict[str, dict[str, Any]] = {}
     generate: dict[str, dict[str, Any]] = {}
     generate_comparisons: dict[str, dict[str, Any]] = {}
-    judge: dict[str, dict[str, Any]] = {}
+    judge: dict[str, JudgeSummary] = {}  # model name -> its judge run over the task's answers
     judge_comparisons: dict[str, dict[str, Any]] = {}
     judge_validity: dict[str, Any] | None = None
-    dialogue: dict[str, dict[str, Any]] = {}
+    dialogue: dict[str, JudgeSummary] = {}  # model name -> its judge run over the general instructions
     dialogue_comparisons: dict[str, dict[str, Any]] = {}
     baseline: dict[str, Any] | None = None
     missing: list[str] = []

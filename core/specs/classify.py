@@ -4,7 +4,8 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from core.specs.base import Spec
+from core.paths import SpecPath
+from core.specs.base import Spec, is_local_path
 
 
 class ClassifyItem(Spec):
@@ -61,3 +62,10 @@ class ClassifySpec(Spec):
         if self.items is not None and not self.items:
             raise ValueError("items is empty: a batch needs at least one item")
         return self
+
+    def paths(self) -> list[SpecPath]:
+        """The input file, and the model where it names a local folder."""
+        paths = [SpecPath("input_file", self.input_file)] if self.input_file else []
+        if is_local_path(self.model):
+            paths.append(SpecPath("model", self.model, kind="model"))
+        return paths

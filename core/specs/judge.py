@@ -4,7 +4,8 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from core.specs.base import Spec
+from core.paths import SpecPath
+from core.specs.base import Spec, is_local_path
 
 
 class JudgeSpec(Spec):
@@ -60,3 +61,7 @@ class JudgeSpec(Spec):
         if self.backend == "openai" and not self.base_url:
             raise ValueError("backend=openai needs base_url, e.g. http://127.0.0.1:8000/v1 (the server's /v1 root)")
         return self
+
+    def paths(self) -> list[SpecPath]:
+        """The answering model (dialogue), where it names a local folder."""
+        return [SpecPath("model", self.model, kind="model")] if is_local_path(self.model) else []

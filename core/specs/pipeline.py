@@ -14,7 +14,8 @@ from typing import Any
 from pydantic import Field, ValidationError, create_model, model_validator
 from pydantic.fields import FieldInfo
 
-from core.specs.base import Spec
+from core.paths import SpecPath
+from core.specs.base import Spec, is_local_path
 from core.specs.classify import ClassifySpec
 from core.specs.judge import JudgeSpec
 from core.specs.prep import PrepSpec
@@ -93,6 +94,14 @@ class PipelineSpec(Spec):
         spec = {**self.judge.model_dump(mode="json", exclude={"dialogue", "sample"}), "dialogue": True,
                 "model": self.model, "sample": None}
         return _with_adapter(spec, adapter_id)
+
+    def paths(self) -> list[SpecPath]:
+        """The prep sources spelled as paths (`./`, `/`, `~`; not PrepSpec's wider rule), and the model where it
+        names a local folder."""
+        sources = [SpecPath(f"prep.{split}.path", src.path)
+                   for split, src in (("train", self.prep.train), ("test", self.prep.test))
+                   if src is not None and is_local_path(src.path)]
+        return sources + ([SpecPath("model", self.model, kind="model")] if is_local_path(self.model) else [])
 
     @property
     def judges_generations(self) -> bool:

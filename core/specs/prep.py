@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
 
-from core.specs.base import Spec
+from core.paths import SpecPath
+from core.specs.base import Spec, is_local_path
 
 AG_NEWS_LABELS = ["World", "Sports", "Business", "Sci/Tech"]
 
@@ -23,6 +25,12 @@ class SourceSpec(Spec):
                                                        "Hugging Face convention) or 1 (as in the AG News CSV)")
     classes_file: str | None = Field(default=None, description="AG News classes.txt (default: beside the CSV); "
                                                                "its line n names integer label n")
+
+    def is_local_file(self) -> bool:
+        """Whether `path` names a local file, not a hub id: format is not `hub`, and the path has no `/`
+        (`owner/name` is a hub id's shape), exists here, or is spelled as a path (`./`, `/`, `~`)."""
+        return self.format != "hub" and ("/" not in self.path or Path(self.path).expanduser().exists()
+                                         or is_local_path(self.path))
 
 
 class PrepSpec(Spec):
@@ -55,3 +63,8 @@ class PrepSpec(Spec):
         if self.label_names is not None and len(set(self.label_names)) != len(self.label_names):
             raise ValueError("label_names has duplicates")
         return self
+
+    def paths(self) -> list[SpecPath]:
+        """Each split's source that is a local file."""
+        return [SpecPath(f"{split}.path", src.path) for split, src in (("train", self.train), ("test", self.test))
+                if src is not None and src.is_local_file()]

@@ -4,7 +4,8 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from core.specs.base import Spec
+from core.paths import SpecPath
+from core.specs.base import Spec, is_local_path
 
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -83,3 +84,7 @@ class TrainSpec(Spec):
         if self.backend == "torchtune" and self.lora.top_layers is not None:
             raise ValueError(TORCHTUNE_ALL_LAYERS)
         return self
+
+    def paths(self) -> list[SpecPath]:
+        """The model, where it names a local checkpoint folder (the dataset is a row id)."""
+        return [SpecPath("model", self.model, kind="model")] if is_local_path(self.model) else []

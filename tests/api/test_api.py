@@ -269,3 +269,29 @@ def test_no_token_beyond_loopback_refuses_to_start(monkeypatch, tmp_path, store_
         with TestClient(app):
             pass
     reset_settings()
+
+
+@pytest.mark.parametrize("kind, spec", [
+    ("classify", {"input_file": "/etc/passwd"}),
+    ("classify", {"items": [{"id": "a", "text": "b"}], "model": "/etc"}),
+    ("train", {"dataset_id": 1, "model": "~/.ssh"}),
+    ("judge", {"classify_job_id": 1, "model": "/etc"}),
+    ("prep", {"train": {"path": "/etc/passwd", "format": "csv"}, "test": None}),
+    ("prep", {"train": {"path": "x.jsonl"}, "test": {"path": "../../etc/passwd", "format": "jsonl"}}),
+    ("pipeline", {"prep": {"train": {"path": "/etc/passwd"}, "test": None}}),
+    ("pipeline", {"model": "/etc"}),
+])
+def test_every_kinds_paths_outside_the_data_roots_are_403(store_url, redis_url, monkeypatch, tmp_path, kind, spec):
+    import json
+    monkeypatch.setenv("NEWSLORA_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("DATABASE_URL", store_url)
+    monkeypatch.setenv("BROKER_URL", redis_url)
+    monkeypatch.setenv("NEWSLORA_DATA_ROOTS", json.dumps([str(tmp_path / "data")]))
+    reset_settings()
+    from api.app import app
+    with TestClient(app) as api:
+        r = api.post("/jobs", json={"kind": kind, "spec": spec})
+        assert r.status_code == 403, r.text
+        assert "outside the allowed data folders" in r.json()["detail"]
+        assert api.get("/jobs").json()["total"] == 0
+    reset_settings()

@@ -14,44 +14,45 @@ from core.contracts.metrics import MetricsRow, append_metrics, read_metrics, tru
 from core.contracts.prediction import PredictionRow
 from db import jobs as jobq
 from db import results as resq
+from db.models import JudgeScore, Prediction
 from db.session import session_scope
 from tests.conftest import make_dataset_meta
 
 
-def _all_set(row) -> None:
-    """The fixture row sets every field to a non-default value, so a field the store drops is seen."""
-    unset = set(type(row).model_fields) - row.model_fields_set - {"format_version"}
-    assert not unset, f"the test row leaves {sorted(unset)} at their defaults: set them, so their round trip is checked"
+def _left_empty(row, table) -> list[str]:
+    """What `row` would leave empty in `table`: the table's columns (from the SQLAlchemy metadata, less the
+    keys the store sets) that its column mapping leaves None or empty, and the contract's fields left at
+    their defaults (those travel in the table's JSON column, where a None would hide a dropped field)."""
+    cols = row.to_columns()
+    stored = [c.name for c in table.columns if c.name not in ("id", "job_id")]
+    empty = [name for name in stored if cols.get(name) in (None, [], {})]
+    return empty + [name for name, field in type(row).model_fields.items()
+                    if name not in stored and name != "format_version" and getattr(row, name) == field.default]
 
 
 PREDICTION = PredictionRow(item_id="item-7", seq=3, label="Sports", gold="World",
                            probs={"World": 0.25, "Sports": 0.75}, response="Sports.", follows_instruction=True,
                            latency_ms=12.5, flags=["truncated"], error="late", model="smollm2-135m", adapter_id=4)
-JUDGE = JudgeRow(item_id="item-7", status="scored", coherence=80.0, following=None, reason="clear",
+JUDGE = JudgeRow(item_id="item-7", status="scored", coherence=80.0, following=65.0, reason="clear",
                  judge_backend="ollama", judge_model="deepseek-r1:8b", judge_digest="sha256:abc", latency_ms=950.0,
-                 raw='{"score": 80}', error="retried once", error_kind="timeout", rubric_version="raschka-1",
-                 rubric_sha="0f0f", attempts=2, thinking_chars=1200, parse="json")
+                 raw='{"score": 80}', error="retried once", score=72.5, error_kind="timeout", rubric="raschka",
+                 rubric_version="raschka-1", rubric_sha="0f0f", scoring="probability", spread={"score": 4.5},
+                 score_mass=0.93, attempts=2, thinking_chars=1200, parse="json", control="gold", pair_id="pair-7",
+                 repeat=1)
 
 
 def test_fixture_rows_set_every_field():
-    _all_set(PREDICTION)
-    for name in JudgeRow.model_fields:  # JudgeRow grows with the judge: set what the fixture knows
-        if name not in JUDGE.model_fields_set and name != "format_version":
-            setattr(JUDGE, name, _non_default(JudgeRow, name))
-    _all_set(JUDGE)
-
-
-def _non_default(cls, name):
-    import typing
-    field = cls.model_fields[name]
-    for arg in (field.annotation, *typing.get_args(field.annotation)):
-        if typing.get_origin(arg) is typing.Literal:
-            return next(v for v in typing.get_args(arg) if v != field.default)
-    ann = str(field.annotation)
-    for kind, value in (("dict", {"k": 1.0}), ("list", ["x"]), ("bool", True), ("float", 0.5), ("int", 3)):
-        if kind in ann:
-            return value
-    return "value"
+    """The rows the store tests round-trip fill every column of their tables and every field of their
+    contracts, so a column or field the store drops is seen. The columns come from the tables, not from
+    the fixtures: a column added to a table fails here until the fixture sets it."""
+    for table, contract in ((Prediction.__table__, PredictionRow), (JudgeScore.__table__, JudgeRow)):
+        mapped = set(contract.COLUMNS) | ({contract.EXTRA_COLUMN} if contract.EXTRA_COLUMN else set())
+        assert {c.name for c in table.columns} - {"id", "job_id"} == mapped, \
+            f"{table.name}'s columns and {contract.__name__}'s column mapping differ"
+    assert "label" in _left_empty(PredictionRow(item_id="x"), Prediction.__table__)  # the check sees a gap
+    assert "control" in _left_empty(JudgeRow(item_id="x", error="e"), JudgeScore.__table__)
+    assert _left_empty(PREDICTION, Prediction.__table__) == [], "set them in PREDICTION"
+    assert _left_empty(JUDGE, JudgeScore.__table__) == [], "set them in JUDGE"
 
 
 def _job(url) -> int:

@@ -68,27 +68,55 @@ def test_redis_restart_mid_batch_loses_nothing(rel_stack_factory, own_redis, rel
     assert_no_secrets(st)
 
 
+def _drop_queued_message(redis_client, job_id: int) -> bool:
+    """Take a job's task message out of the Redis queues (kombu's lists, one per queue and priority), as a
+    broker that lost it would. Returns whether it was there."""
+    import base64
+    dropped = False
+    for key in redis_client.scan_iter(match="*"):
+        if redis_client.type(key) != b"list":
+            continue
+        for raw in redis_client.lrange(key, 0, -1):
+            msg = json.loads(raw)
+            body = msg.get("body", "")
+            if msg.get("properties", {}).get("body_encoding") == "base64":
+                body = base64.b64decode(body)
+            args = json.loads(body)[0] if body else None
+            if args == [job_id]:
+                dropped |= bool(redis_client.lrem(key, 0, raw))
+    return dropped
+
+
 @pytest.mark.slow
 def test_redis_killed_mid_batch_every_job_still_runs_once(rel_stack_factory, own_redis, rel_db_url):
     """SIGKILL, not a clean shutdown: Redis writes its append-only file once a second, so messages sent
-    just before the kill may be gone. Jobs whose message was lost are re-sent by the reaper (queued past
-    NEWSLORA_REQUEUE_QUEUED_AFTER_S); the lease drops any duplicate."""
+    just before the kill may be gone. One message is lost for certain (taken out of the queue, before the
+    kill and again after it if the append-only file brought it back): the reaper must re-send it (queued
+    past NEWSLORA_REQUEUE_QUEUED_AFTER_S), and the lease drops any duplicate."""
     st = rel_stack_factory(NEWSLORA_REQUEUE_QUEUED_AFTER_S="4", NEWSLORA_LEASE_S="3", NEWSLORA_HEARTBEAT_S="0.5")
     st.start_api()
     st.start_worker()
     c = st.client()
-    jobs = [c.submit_noop(steps=5, sleep_s=0.1)["id"] for _ in range(8)]
+    jobs = [c.submit_noop(steps=5, sleep_s=0.2)["id"] for _ in range(8)]  # about 8 s of work on one worker
     wait_status(c, jobs[0], ("running", "succeeded"))
+    lost = jobs[-1]  # seven jobs ahead of it: still queued through the kill below
+    assert _drop_queued_message(own_redis.client(), lost), "the last job's message should still be queued"
+    time.sleep(1.5)  # the removal reaches the append-only file (fsync once a second)
     own_redis.kill()
     time.sleep(1)
     own_redis.start()
+    _drop_queued_message(own_redis.client(), lost)  # in case the kill restored it: lost either way
+    assert c.get(lost)["status"] == "queued"
     jobs.append(c.submit_noop(steps=2)["id"])
     done = [c.wait(j, timeout=180) for j in jobs]
     assert [d["status"] for d in done] == ["succeeded"] * len(jobs), st.log("worker")[-4000:]
+    # The lost message came back only because the reaper re-sent it.
+    assert f"job {lost}: queued for over 4 s; re-sending its message" in st.log("worker"), st.log("worker")[-4000:]
     time.sleep(6)  # re-sent or restored duplicates arrive: each is dropped by the lease, none re-runs a job
     for j in jobs:
-        assert _messages(c, j).count("succeeded") == 1
-        assert c.get(j)["status"] == "succeeded"
+        msgs = _messages(c, j)
+        assert (msgs.count("running"), msgs.count("succeeded")) == (1, 1), (j, msgs)
+        assert c.get(j)["status"] == "succeeded" and c.get(j)["attempts"] == 1
     assert _count(rel_db_url, "SELECT count(*) FROM jobs") == len(jobs)
 
 

@@ -5,7 +5,7 @@ the same items as the language models, so a fine-tuned model's accuracy is read 
 model on word counts gets from the same training articles. On the shared AG News articles (7,557
 train) it scores about 89% on the official test split.
 
-Predictions come back in the classify job's row shape (`workers.evaluation.evaluate`'s module docstring), so the
+Predictions come back in the classify job's row shape (`workers.evaluation.metrics`'s module docstring), so the
 evaluation's metrics and paired tests apply to them unchanged.
 """
 from __future__ import annotations
@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
+
+from workers.data.prep import load_records
 
 BASELINE_NAME = "tfidf-svm"
 METHOD = "TF-IDF (word 1-2 grams, sublinear tf) + linear SVM (LinearSVC, C=1)"
@@ -45,7 +47,6 @@ def load_corpus(dataset_dir: Path, split: str = "test") -> BaselineCorpus:
     Raises:
         workers.data.prep.PrepError: not a prepared dataset, an unknown split, or a changed file.
     """
-    from workers.data.prep import load_records
     train = load_records(dataset_dir, "train")
     items = {str(r["id"]): (r["input"], r["output"]) for r in load_records(dataset_dir, split)}
     return BaselineCorpus(train_texts=[r["input"] for r in train], train_labels=[r["output"] for r in train],
@@ -68,7 +69,7 @@ def fit_predict(train_texts: Sequence[str], train_labels: Sequence[str], texts: 
     Raises:
         BaselineUnavailable: no training texts, lengths that differ, or fewer than two classes.
     """
-    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.feature_extraction.text import TfidfVectorizer  # lazy: sklearn only when a baseline is fitted
     from sklearn.svm import LinearSVC
 
     if len(train_texts) != len(train_labels):

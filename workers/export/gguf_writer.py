@@ -15,9 +15,11 @@ from __future__ import annotations
 import errno
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+import gguf
 import numpy as np
 
 SUPPORTED_QUANTS = ("f16", "q8_0")
@@ -78,7 +80,6 @@ def gguf_tensors(state_dict: dict[str, Any], config: Any) -> Iterator[tuple[str,
     Raises:
         GGUFExportError: a tensor has no name in the gguf package's Llama table.
     """
-    import gguf
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
     n_head, n_head_kv = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
     tied = bool(getattr(config, "tie_word_embeddings", False))
@@ -99,7 +100,6 @@ def gguf_tensors(state_dict: dict[str, Any], config: Any) -> Iterator[tuple[str,
 
 def _encode(arr: np.ndarray, quant: str) -> tuple[np.ndarray, Any]:
     """The array as stored, and its GGML type (None: the writer takes it from the numpy dtype)."""
-    import gguf
     if arr.ndim == 1:
         return arr.astype(np.float32), None  # norms stay F32, as llama.cpp's converter keeps them
     if quant == "q8_0" and arr.shape[-1] % Q8_0_BLOCK == 0:
@@ -114,7 +114,6 @@ def _tokenizer_dir_files(tokenizer, tmp: Path) -> Path:
 
 def _vocab(tokenizer, n_vocab: int, tok_dir: Path) -> tuple[str, list[str], list[float] | None, list[int]]:
     """(tokenizer model name, tokens, scores, token types) as llama.cpp's converter builds them."""
-    import gguf
     raw = json.loads((tok_dir / "tokenizer.json").read_text(encoding="utf-8"))
     model = raw.get("model", {})
     if model.get("type") == "BPE" and model.get("byte_fallback"):  # SentencePiece-style (LLaMA-2)
@@ -150,7 +149,6 @@ def _vocab(tokenizer, n_vocab: int, tok_dir: Path) -> tuple[str, list[str], list
 
 
 def _add_tokenizer(writer, tokenizer, n_vocab: int, tok_dir: Path, pre: str) -> None:
-    import gguf
     kind, tokens, scores, types = _vocab(tokenizer, n_vocab, tok_dir)
     writer.add_tokenizer_model(kind)
     writer.add_tokenizer_pre(pre)
@@ -166,6 +164,21 @@ def _add_tokenizer(writer, tokenizer, n_vocab: int, tok_dir: Path, pre: str) -> 
     writer.add_add_bos_token(adds_bos)
     if kind == "gpt2":
         writer.add_add_space_prefix(False)
+
+
+def base_tokenizer_pre(base_dir: Path) -> str:
+    """llama.cpp's pre-tokenizer name, from the GGUF the base model was converted from (else 'default')."""
+    src = base_dir / "newslora_source.json"
+    if src.is_file():
+        try:
+            info = json.loads(src.read_text())
+            reader = gguf.GGUFReader(str(Path(info["gguf_dir"]) / info["gguf_file"]))
+            field_ = reader.fields.get("tokenizer.ggml.pre")
+            if field_ is not None:
+                return str(field_.contents())
+        except (OSError, ValueError, KeyError):
+            pass
+    return "default"
 
 
 def write_gguf(model, tokenizer, path: Path, *, quant: str, name: str, tokenizer_pre: str = "default",
@@ -185,9 +198,6 @@ def write_gguf(model, tokenizer, path: Path, *, quant: str, name: str, tokenizer
     Raises:
         GGUFExportError: unsupported quant, non-Llama model, a tokenizer it cannot convert, or a full disk.
     """
-    import tempfile
-
-    import gguf
     if quant not in SUPPORTED_QUANTS:
         raise GGUFExportError(f"unsupported GGUF quant {quant!r}: use one of {', '.join(SUPPORTED_QUANTS)}")
     cfg = model.config

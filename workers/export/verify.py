@@ -5,15 +5,18 @@ engine, as classify jobs run it); the export must give the same label on nearly 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from core.context import JobContext, LocalContext
-from workers.inference.classify import AdapterRef, InferenceEngine, classify_items, get_engine
 from core.specs.classify import ClassifySpec
+from workers.inference.classify import AdapterRef, InferenceEngine, classify_items, get_engine
+from workers.modeling.registry import convert_gguf
 
 
 @dataclass
@@ -74,7 +77,6 @@ _REFERENCE: dict[tuple, tuple[dict[str, str | None], dict[str, Any]]] = {}
 
 def _reference_key(adapter: AdapterRef, base_model: str, items: list[dict], label_names: list[str],
                    instruction: str, template: str, dtype: str, device: str) -> tuple:
-    import hashlib
     weights = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in Path(adapter.path).iterdir()
                      if f.is_file())
     sample = hashlib.sha256(json.dumps([[it["id"], it["text"]] for it in items]).encode()).hexdigest()
@@ -93,7 +95,6 @@ def compare_to_adapter(export_model_dir: Path, items: list[dict], *, adapter: Ad
             export itself, or what transformers' `gguf_file=` loader read from a GGUF export).
         items: the fixed sample ({"id", "text", "label"}).
     """
-    import time
     start = time.perf_counter()
     # classify_items takes its mode and batching from the spec; the items are passed to it directly.
     spec = ClassifySpec(dataset_id=1, mode="score", batch_size=batch_size, dtype=dtype, device=device)
@@ -129,7 +130,6 @@ def compare_to_adapter(export_model_dir: Path, items: list[dict], *, adapter: Ad
 def reload_gguf_as_checkpoint(gguf_dir: Path, gguf_name: str, target: Path) -> Path:
     """What a transformers user gets from `from_pretrained(gguf_dir, gguf_file=gguf_name)`, saved as a plain
     checkpoint folder (tokenizer included) so the inference engine can load it."""
-    from workers.modeling.registry import convert_gguf
     if target.exists():
         shutil.rmtree(target)
     return convert_gguf(gguf_dir, gguf_name, target)

@@ -1,1 +1,2 @@
-"""The pieces of batched classification (engine, item loading, scoring); `workers.inference.classify` is the entry point."""
+"""The pieces of batched classification (the adapter ref, the engine, item loading, scoring);
+`workers.inference.classify` is the entry point."""

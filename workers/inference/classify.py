@@ -1,6 +1,6 @@
 """Batched classification: a job's items through the base model or an adapter, predictions stored per batch.
 
-Plain functions; the Celery task (`workers/jobs/tasks.py`) looks up the dataset folder and adapter the spec
+Plain functions; the job's handler (`workers/jobs/handlers.py`) looks up the dataset folder and adapter the spec
 names and calls `run_classify(spec, ctx, dataset_dir=..., adapter=AdapterRef(7, path))`, which returns a
 `ClassifyResult` over every stored item of the job (a resumed job included).
 """
@@ -11,19 +11,23 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
+from core.context import JobContext
+from core.contracts.adapter import AdapterMeta
+from core.contracts.dataset import DatasetMeta
 from core.contracts.prediction import PredictionRow
 from core.contracts.results import ClassifyResult
-from core.context import JobContext
-from workers.inference.engine import (AdapterError, AdapterMeta, AdapterRef, InferenceEngine, clear_engines,
-                                      get_engine, read_adapter_meta)
+from core.specs.classify import ClassifySpec
+from core.specs.prep import AG_NEWS_LABELS
+from workers.inference.adapter import AdapterError, AdapterRef, read_adapter_meta
+from workers.inference.engine import InferenceEngine, clear_engines, get_engine
 from workers.inference.items import InputFileError, load_items, read_text_strict
 from workers.modeling.codec import LabelTokensError, PromptCodec
 from workers.modeling.generation import generate, parse_label
+from workers.modeling.prompts import default_instruction
 from workers.modeling.scoring import score_labels, softmax_probs
-from core.specs.classify import ClassifySpec
 
-__all__ = ["run_classify", "classify_items", "load_items", "get_engine", "clear_engines", "InferenceEngine", "AdapterRef",
-           "AdapterMeta", "AdapterError", "InputFileError", "LabelTokensError", "read_adapter_meta",
+__all__ = ["run_classify", "classify_items", "load_items", "get_engine", "clear_engines", "InferenceEngine",
+           "AdapterRef", "AdapterMeta", "AdapterError", "InputFileError", "LabelTokensError", "read_adapter_meta",
            "read_text_strict", "parse_label"]
 
 
@@ -43,12 +47,9 @@ def run_classify(spec: ClassifySpec, ctx: JobContext, *, dataset_dir: Path | Non
     Raises:
         InputFileError, AdapterError, ValueError: see `load_items` and `classify_items`.
     """
-    from core.contracts.dataset import DatasetMeta
-    from workers.modeling.prompts import default_instruction
-    from core.specs.prep import AG_NEWS_LABELS
     sources = []
     if adapter is not None:
-        sources.append(read_adapter_meta(adapter.path))
+        sources.append(adapter.meta)  # read once: the engine's checks below use the same ref's meta
     if dataset_dir is not None:
         sources.append(DatasetMeta.load(dataset_dir))
     label_names = spec.label_names or next((m.label_names for m in sources if m.label_names), list(AG_NEWS_LABELS))

@@ -20,46 +20,15 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from safetensors.torch import load_file
 
 from core.contracts.adapter import AdapterMeta
-from core.contracts.base import ContractError
+from workers.inference.adapter import AdapterError, AdapterRef
 from workers.modeling.forward import prefix_kv
 from workers.modeling.lora_forward import merge_lora
 from workers.modeling.registry import load_model, model_digest, pick_device, pick_dtype, resolve_model
 
 DEFAULT_MAX_ADAPTERS = 4
-
-
-class AdapterError(ValueError):
-    """An adapter folder is missing, malformed, or was trained for another base model."""
-
-
-@dataclass(frozen=True)
-class AdapterRef:
-    """A registered adapter: its model-artifact id and the folder holding the PEFT weights + newslora.json."""
-
-    adapter_id: int
-    path: Path
-
-
-def read_adapter_meta(path: Path) -> AdapterMeta:
-    """Read and check an adapter folder: PEFT weights plus its `newslora.json` (`AdapterMeta`).
-
-    Raises:
-        AdapterError: the folder, its PEFT config or its newslora.json is missing or does not match the contract.
-    """
-    path = Path(path)
-    if not path.is_dir():
-        raise AdapterError(f"adapter folder {path} does not exist: check the adapter's registered path "
-                           f"(re-run the training job if its output was deleted; a worker on another machine "
-                           f"needs the shared artifact volume mounted at the same path)")
-    if not (path / "adapter_config.json").is_file():
-        raise AdapterError(f"{path} holds no adapter_config.json: it is not a PEFT adapter folder "
-                           f"(save one with peft_model.save_pretrained())")
-    try:
-        return AdapterMeta.load(path)
-    except ContractError as e:
-        raise AdapterError(str(e)) from None
 
 
 _UNSUPPORTED_LORA = {"use_dora": "DoRA", "modules_to_save": "modules_to_save", "layer_replication": "layer replication",
@@ -121,7 +90,6 @@ def merged_lora_weights(model: Any, path: Path) -> dict[str, torch.nn.Parameter]
 
 def _adapter_state(path: Path) -> dict[str, torch.Tensor]:
     if (path / "adapter_model.safetensors").is_file():
-        from safetensors.torch import load_file
         return load_file(str(path / "adapter_model.safetensors"))
     if (path / "adapter_model.bin").is_file():
         return torch.load(path / "adapter_model.bin", map_location="cpu", weights_only=True)
@@ -180,12 +148,13 @@ class InferenceEngine:
     # ------------------------------------------------------------------ adapters
 
     def adapter_meta(self, adapter: AdapterRef) -> AdapterMeta:
-        """The adapter's newslora.json, checked against this engine's base model.
+        """The adapter's newslora.json (`adapter.meta`, read once per ref), checked against this engine's base
+        model.
 
         Raises:
             AdapterError: missing folder/files, or trained for another base model (digest differs).
         """
-        meta = read_adapter_meta(adapter.path)
+        meta = adapter.meta
         if meta.base_model_digest != self.digest:
             raise AdapterError(
                 f"adapter {adapter.adapter_id} ({adapter.path}) was trained for base model "

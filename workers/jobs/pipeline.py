@@ -19,17 +19,18 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Callable
 
+from kombu.exceptions import OperationalError as BrokerUnavailable
 from pydantic import ValidationError
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 
 from broker.app import enqueue
 from core.settings import get_settings
+from core.specs import QUEUES, PipelineSpec, parse_spec, spec_hash
+from core.version import code_version
 from db import jobs as jobq
 from db import results as resq
 from db.models import TERMINAL, Job, utcnow
-from db.session import session_scope
-from core.specs import QUEUES, PipelineSpec, parse_spec, spec_hash
-from core.version import code_version
+from db.session import StoreUnavailable, session_scope
 
 log = logging.getLogger("newslora.pipeline")
 
@@ -145,14 +146,9 @@ def _describe(e: Exception) -> str:
     return f"{type(e).__name__}: {e}"
 
 
-def _outages() -> tuple[type[BaseException], ...]:
-    from kombu.exceptions import OperationalError as BrokerUnavailable
-    from sqlalchemy.exc import InterfaceError, OperationalError
-    from db.session import StoreUnavailable
-    return (OperationalError, InterfaceError, StoreUnavailable, BrokerUnavailable, ConnectionError)
-
-
-_OUTAGES = _outages()
+# A store or broker outage: raised by advance() for the reaper to retry, never recorded as the pipeline's failure.
+_OUTAGES: tuple[type[BaseException], ...] = (OperationalError, InterfaceError, StoreUnavailable, BrokerUnavailable,
+                                             ConnectionError)
 
 
 def pipeline_lease_s() -> float:

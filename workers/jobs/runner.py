@@ -8,6 +8,7 @@ renews the lease from a heartbeat thread that also notices cancel requests, call
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import threading
@@ -16,15 +17,20 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from db import jobs as jobq
-from db import results as resq
-from db.models import Job
-from db.session import session_scope
+from celery.exceptions import SoftTimeLimitExceeded
+from sqlalchemy.exc import OperationalError
+
+import broker.app  # called as broker.app.enqueue...: one name for tests to stub
+from core.context import JobCancelled
 from core.contracts.judge import JudgeRow
 from core.contracts.prediction import PredictionRow
 from core.settings import get_settings
-from core.context import JobCancelled
 from core.specs import parse_spec
+from db import jobs as jobq
+from db import results as resq
+from db.models import Job
+from db.session import StoreUnavailable, session_scope
+from workers.jobs.shards import ShardsPending, is_shard, roll_up
 
 log = logging.getLogger("newslora.worker")
 
@@ -53,8 +59,6 @@ def _with_store_retries(job_id: int, what: str, fn: Callable[[], Any]) -> Any:
     Raises:
         db.session.StoreUnavailable: still unreachable after NEWSLORA_WAIT_RETRIES tries.
     """
-    from sqlalchemy.exc import OperationalError
-    from db.session import StoreUnavailable
     retries = max(1, get_settings().wait_retries)
     for attempt in range(retries):
         try:
@@ -131,7 +135,6 @@ class StoreContext:
                 if with_event:
                     jobq.add_event(self.job_id, message or "progress", session=s, metrics=info)
                 if self.shard_parent is not None:
-                    from workers.jobs.shards import roll_up
                     roll_up(self.shard_parent, session=s)
         _with_store_retries(self.job_id, "progress", write)
         if with_event:
@@ -180,7 +183,6 @@ class StoreContext:
 
 def _jsonable(obj: Any) -> Any:
     """Plain JSON types only (numpy/torch scalars become floats; NaN becomes None)."""
-    import math
     if obj is None or isinstance(obj, (str, bool, int)):
         return obj
     if isinstance(obj, float):
@@ -222,7 +224,6 @@ def run_job(job_id: int, kind: str, handler: Handler, *, worker: str | None = No
     work_dir = s.path("jobs", str(job_id))
     ctx = StoreContext(job_id, worker, work_dir, time_limit_s=s.job_time_limit_s)
     ctx.start()
-    from workers.jobs.shards import ShardsPending, is_shard
     ctx.shard_parent = job.parent_id if is_shard(job) else None
     try:
         spec = parse_spec(kind, job.spec)
@@ -236,11 +237,9 @@ def run_job(job_id: int, kind: str, handler: Handler, *, worker: str | None = No
         return "lease_lost"
     except ShardsPending as e:  # the job stays running; its shards roll up into it and finish it
         log.info("%s", e)
-        from broker.app import enqueue_advance
-        enqueue_advance(job_id)  # a re-run whose shards had all ended is finished at once
+        broker.app.enqueue_advance(job_id)  # a re-run whose shards had all ended is finished at once
         return "sharded"
     except Exception as e:  # noqa: BLE001 - every failure is recorded on the row, with its reason
-        from celery.exceptions import SoftTimeLimitExceeded
         if isinstance(e, SoftTimeLimitExceeded):
             error = f"exceeded its time limit of {s.job_time_limit_s} s"
         else:
@@ -269,9 +268,8 @@ def _finish(job: Job, status: str, *, error: str | None = None, result: dict[str
 def _notify_parent(job: Job | None) -> None:
     if job is None or job.parent_id is None:
         return
-    from broker.app import enqueue_advance
     try:
-        enqueue_advance(job.parent_id)
+        broker.app.enqueue_advance(job.parent_id)
     except Exception as e:  # noqa: BLE001 - the reaper advances stuck pipelines later
         log.warning("job %s: could not notify pipeline %s (%s)", job.id, job.parent_id, e)
 
@@ -279,7 +277,6 @@ def _notify_parent(job: Job | None) -> None:
 def requeue_stale_jobs() -> list[int]:
     """Re-send the tasks of running jobs whose lease expired (their worker died). Transports that never
     re-deliver an unacked message (the embedded one) rely on this; with Redis it is a second safety net."""
-    from broker.app import enqueue
     with session_scope() as s:
         stale = [(j.id, j.kind, j.queue) for j in jobq.stale_running_jobs(session=s)]
         lost = [(j.id, j.kind, j.queue) for j in jobq.stale_queued_jobs(
@@ -287,11 +284,11 @@ def requeue_stale_jobs() -> list[int]:
     for job_id, kind, queue in lost:  # a duplicate of a message that was not lost is dropped by the lease
         log.warning("job %s: queued for over %.0f s; re-sending its message in case the broker lost it", job_id,
                     get_settings().requeue_queued_after_s)
-        enqueue(job_id, kind, queue)
+        broker.app.enqueue(job_id, kind, queue)
     for job_id, kind, queue in stale:
         if kind == "pipeline":  # nobody advanced it for a lease (a lost message, a cancel no child reports)
             log.debug("pipeline %s: no progress within its lease; advancing it again", job_id)
         else:
             log.warning("job %s: its worker stopped renewing the lease; re-queueing", job_id)
-        enqueue(job_id, kind, queue)
+        broker.app.enqueue(job_id, kind, queue)
     return [j for j, _, _ in stale + lost]

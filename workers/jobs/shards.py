@@ -18,13 +18,15 @@ import math
 from datetime import timedelta
 from typing import Any
 
+import broker.app  # called as broker.app.enqueue...: one name for tests to stub
 from core.contracts.results import ClassifyResult
 from core.settings import get_settings
+from core.specs.classify import ClassifySpec
+from core.version import code_version
 from db import jobs as jobq
 from db import results as resq
 from db.models import TERMINAL, Job, utcnow
 from db.session import session_scope
-from core.specs.classify import ClassifySpec
 
 
 class ShardsPending(Exception):
@@ -53,8 +55,6 @@ def split(job_id: int, spec: ClassifySpec, n_items: int, *, shard_size: int | No
     size = shard_size or get_settings().classify_shard_size
     if spec.shard is not None or n_items <= size:
         return
-    from broker.app import enqueue
-    from core.version import code_version
     ranges = shard_ranges(n_items, size)
     base = spec.model_dump(mode="json", exclude={"shard"})
     to_send: list[int] = []
@@ -72,7 +72,7 @@ def split(job_id: int, spec: ClassifySpec, n_items: int, *, shard_size: int | No
         jobq.add_event(job_id, f"split into {len(ranges)} shards", session=s,
                        metrics={"shards": len(ranges), "items": n_items, "shard_size": size})
     for child_id in to_send:
-        enqueue(child_id, "classify", "gpu")
+        broker.app.enqueue(child_id, "classify", "gpu")
     raise ShardsPending(f"job {job_id}: {n_items} items in {len(ranges)} shards")
 
 
@@ -107,8 +107,7 @@ def advance(job_id: int) -> str | None:
     (then it is someone else's to advance)."""
     status, parent_id = _advance(job_id)
     if status in TERMINAL and parent_id is not None:
-        from broker.app import enqueue_advance
-        enqueue_advance(parent_id)
+        broker.app.enqueue_advance(parent_id)
     return status
 
 

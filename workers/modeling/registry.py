@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 import yaml
 
 from core.atomic import atomic_dir
-from core.settings import get_settings
+from core.settings import get_settings, preset_dir_variable
 
 CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
 MODEL_PRESETS_DIR = CONFIGS_DIR / "models"
@@ -36,7 +35,7 @@ class ModelPreset:
     package: str | None = None
     gguf_file: str | None = None
     local_dir: str | None = None
-    # The torchtune backend's LoRA model builder (an import path that workers.train.torchtune_backend.BUILDERS
+    # The torchtune backend's LoRA model builder (an import path that workers.train.torchtune.recipe.BUILDERS
     # knows) and its HF checkpointer's model_type; None: chosen from the checkpoint's config.json.
     torchtune_builder: str | None = None
     torchtune_model_type: str | None = None
@@ -76,8 +75,9 @@ def resolve_model(ref: str) -> Path:
 
 
 def _materialise_preset(p: ModelPreset) -> Path:
-    if p.local_dir or os.environ.get(f"NEWSLORA_{p.name.upper().replace('-', '_')}_DIR"):
-        d = Path(os.environ.get(f"NEWSLORA_{p.name.upper().replace('-', '_')}_DIR") or p.local_dir).expanduser()
+    override = get_settings().preset_dir(p.name)  # $NEWSLORA_<PRESET>_DIR
+    if override is not None or p.local_dir:
+        d = override or Path(p.local_dir).expanduser()
         if not is_checkpoint_dir(d):
             raise ModelNotFound(f"preset {p.name}: {d} is not a checkpoint folder")
         return d
@@ -103,7 +103,7 @@ def _materialise_preset(p: ModelPreset) -> Path:
         except Exception as e:  # noqa: BLE001 - the hub raises many kinds
             raise ModelNotFound(
                 f"preset {p.name}: could not fetch {p.hub_id} from the hub ({type(e).__name__}: {e}); set "
-                f"NEWSLORA_{p.name.upper().replace('-', '_')}_DIR to a local checkpoint folder") from e
+                f"{preset_dir_variable(p.name)} to a local checkpoint folder") from e
     raise ModelNotFound(f"preset {p.name}: unknown source {p.source!r}")
 
 

@@ -4,22 +4,24 @@
     result = train_adapter(TrainSpec(dataset_id=1), Path("datasets/ag_news"), Path("runs/7"), LocalContext())
 
 The PEFT loop (`workers/train/peft_loop.py`) is the default backend; `spec.backend == "torchtune"` runs
-torchtune's LoRA recipe instead (`workers/train/torchtune_backend.py`), with the same result shape.
+torchtune's LoRA recipe instead (`workers/train/torchtune/`). Both return a `TrainResult`, built with their
+adapter's `newslora.json` in `workers/train/result.py`.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from core.context import JobContext
+from core.contracts.train import TrainResult
 from core.specs.train import TrainSpec
 from workers.train.checkpoint import IncompatibleCheckpoint
 from workers.train.data import DatasetNotPrepared
-from workers.train.peft_loop import (ADAPTER_META, PeftLoraTrainer, TrainingDiverged, TrainOutOfMemory,
-                                     UnknownTargetModules)
+from workers.train.peft_loop import PeftLoraTrainer, TrainingDiverged, TrainOutOfMemory, UnknownTargetModules
+from workers.train.result import ADAPTER_META
+from workers.train.torchtune import train_torchtune
 
 
-def train_adapter(spec: TrainSpec, dataset_dir: Path, out_dir: Path, ctx: JobContext) -> dict[str, Any]:
+def train_adapter(spec: TrainSpec, dataset_dir: Path, out_dir: Path, ctx: JobContext) -> TrainResult:
     """Fine-tune a LoRA adapter on a prepared dataset; a second call with the same out_dir resumes.
 
     Args:
@@ -30,9 +32,9 @@ def train_adapter(spec: TrainSpec, dataset_dir: Path, out_dir: Path, ctx: JobCon
         ctx: progress, events and cancellation.
 
     Returns:
-        {"adapter_dir", "base_model", "base_model_digest", "template", "instruction", "label_names",
-         "dataset_hash", "steps", "metrics": {train_loss, val_loss, val_accuracy, tokens_per_s, wall_s, ...},
-         "history": [per-eval dicts], "resumed_from_step": int | None, ...}
+        The `TrainResult`: the adapter folder, the base model and its digest, the prompt and labels it was
+        trained with, the dataset's hash, steps, metrics (train_loss, val_loss, val_accuracy, tokens_per_s,
+        wall_s, ...), the validations' history and the step it resumed from (None for a fresh run).
 
     Raises:
         DatasetNotPrepared, workers.modeling.registry.ModelNotFound, UnknownTargetModules, IncompatibleCheckpoint:
@@ -41,7 +43,6 @@ def train_adapter(spec: TrainSpec, dataset_dir: Path, out_dir: Path, ctx: JobCon
         JobCancelled: after saving a checkpoint that a later call resumes from.
     """
     if spec.backend == "torchtune":
-        from workers.train.torchtune_backend import train_torchtune
         return train_torchtune(spec, dataset_dir, out_dir, ctx)
     trainer = PeftLoraTrainer(spec, Path(dataset_dir), Path(out_dir), ctx)
     try:
@@ -51,5 +52,5 @@ def train_adapter(spec: TrainSpec, dataset_dir: Path, out_dir: Path, ctx: JobCon
         trainer.cleanup()
 
 
-__all__ = ["train_adapter", "PeftLoraTrainer", "ADAPTER_META", "DatasetNotPrepared", "UnknownTargetModules",
-           "TrainingDiverged", "TrainOutOfMemory", "IncompatibleCheckpoint"]
+__all__ = ["train_adapter", "TrainResult", "PeftLoraTrainer", "ADAPTER_META", "DatasetNotPrepared",
+           "UnknownTargetModules", "TrainingDiverged", "TrainOutOfMemory", "IncompatibleCheckpoint"]

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
 from core.atomic import atomic_dir
 
@@ -66,8 +67,7 @@ def save_checkpoint(out_dir: Path, step: int, *, model: Any, state: dict[str, An
 
 def load_checkpoint(path: Path, model: Any) -> dict[str, Any]:
     """Load the adapter weights of a checkpoint into `model` and return its trainer state."""
-    from peft.utils import set_peft_model_state_dict
-    from safetensors.torch import load_file
+    from peft.utils import set_peft_model_state_dict  # lazy: peft takes seconds to import (see peft_loop)
 
     weights = load_file(str(Path(path) / "adapter_model.safetensors"))
     result = set_peft_model_state_dict(model, weights)

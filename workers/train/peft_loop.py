@@ -28,20 +28,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from core.context import JobCancelled, JobContext
-from core.specs.train import TrainSpec
 from core.atomic import atomic_dir
-from workers.train.checkpoint import (check_compatible, latest_checkpoint, load_checkpoint,
-                                      restore_rng_states, rng_states, save_checkpoint)
-from core.contracts.adapter import AdapterMeta
+from core.context import JobCancelled, JobContext
 from core.contracts.metrics import METRICS_FILE, MetricsRow, append_metrics, truncate_metrics_after
+from core.contracts.train import TrainResult
+from core.settings import get_settings
+from core.specs.train import TrainSpec
 from workers.modeling.codec import IGNORE, Example, PromptCodec
 from workers.modeling.forward import lm_head_of, prefix_kv, shared_prefix_hidden
 from workers.modeling.lora_forward import lora_forward_ok, lora_shared_prefix_hidden, merged_weights
+from workers.modeling.registry import load_tokenizer, model_digest, pick_device, pick_dtype, resolve_model
 from workers.modeling.scoring import ResponseScores, score_responses
+from workers.train.checkpoint import (check_compatible, latest_checkpoint, load_checkpoint,
+                                      restore_rng_states, rng_states, save_checkpoint)
 from workers.train.data import PreparedDataset, TrainBatch, collate_train, length_bucketed_batches, load_prepared
-
-ADAPTER_META = AdapterMeta.FILE_NAME
+from workers.train.result import ResultBuilder
 
 
 class UnknownTargetModules(ValueError):
@@ -86,7 +87,7 @@ def batch_loss(model: Any, batch: TrainBatch, *, lean: bool = False) -> torch.Te
 class PeftLoraTrainer:
     """LoRA fine-tuning of a causal LM on a prepared dataset, resumable from its own checkpoints.
 
-    Call `setup()`, then `train()` (returns the result dict), then `cleanup()`.
+    Call `setup()`, then `train()` (returns the `TrainResult`), then `cleanup()`.
     """
 
     def __init__(self, spec: TrainSpec, dataset_dir: Path, out_dir: Path, ctx: JobContext) -> None:
@@ -125,6 +126,7 @@ class PeftLoraTrainer:
         self.data = self._setup_data()
         self.device = self._setup_device()
         self.model_dir = self._setup_model_dir()
+        self.build = self._setup_result_builder()
         self.tokenizer = self._setup_tokenizer()
         self.encoder = self._setup_encoder()
         self.train_examples = self._setup_examples(self.data.train[:self.spec.max_train_samples], "train")
@@ -148,17 +150,18 @@ class PeftLoraTrainer:
         return load_prepared(self.dataset_dir)
 
     def _setup_device(self) -> torch.device:
-        from workers.modeling.registry import pick_device
         return torch.device(pick_device(self.spec.device))
 
     def _setup_model_dir(self) -> Path:
-        from workers.modeling.registry import model_digest, resolve_model
         path = resolve_model(self.spec.model)  # ModelNotFound says what to do
         self.model_digest = model_digest(path)
         return path
 
+    def _setup_result_builder(self) -> ResultBuilder:
+        return ResultBuilder(self.spec, self.data.meta, model_dir=self.model_dir, model_digest=self.model_digest,
+                             backend="peft")
+
     def _setup_tokenizer(self) -> Any:
-        from workers.modeling.registry import load_tokenizer
         return load_tokenizer(self.model_dir)
 
     def _setup_encoder(self) -> PromptCodec:
@@ -183,10 +186,10 @@ class PeftLoraTrainer:
         return max(1, math.ceil(self.spec.epochs * self.micro_per_epoch / self.spec.grad_accum))
 
     def _setup_model(self) -> Any:
+        # lazy: peft and transformers take seconds to import; only a training process needs them
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM
 
-        from workers.modeling.registry import pick_dtype
         self.dtype = pick_dtype(self.spec.dtype, self.device.type)
         # On CPU the plain matmul-softmax attention beats SDPA's flash kernel at these short, masked
         # sequences (its backward especially): measured 612 vs 498 tokens/s on SmolLM2, 2 cores.
@@ -239,17 +242,16 @@ class PeftLoraTrainer:
     def _setup_wandb(self) -> Any:
         if not self.spec.wandb:
             return None
-        import os
         try:
-            import wandb
+            import wandb  # lazy: optional, and only runs with `wandb: true` use it
         except ImportError:
             self.ctx.event("wandb is not installed: metrics go to metrics.jsonl only (pip install wandb)",
                            level="warning")
             return None
-        os.environ.setdefault("WANDB_MODE", "offline")
+        # Offline unless WANDB_MODE says otherwise (Settings.wandb_mode): a run syncs only where asked to.
         return wandb.init(project="newslora", dir=str(self.out_dir), config=self.spec.model_dump(mode="json"),
                           id=f"train-{uuid.uuid5(uuid.NAMESPACE_URL, str(self.out_dir.resolve())).hex[:12]}",
-                          resume="allow")
+                          resume="allow", mode=get_settings().wandb_mode)
 
     def _fingerprint(self) -> dict[str, Any]:
         s = self.spec
@@ -283,7 +285,7 @@ class PeftLoraTrainer:
 
     # -- the loop ---------------------------------------------------------------------------------
 
-    def train(self) -> dict[str, Any]:
+    def train(self) -> TrainResult:
         """Run to total_steps (or early stop), checkpointing and validating on the way.
 
         Raises:
@@ -339,7 +341,7 @@ class PeftLoraTrainer:
         PEFT's default of casting every activation up to fp32 and back."""
         if self.dtype == torch.float32:
             return contextlib.nullcontext()
-        from peft.helpers import disable_input_dtype_casting
+        from peft.helpers import disable_input_dtype_casting  # lazy: peft as in _setup_model
         stack = contextlib.ExitStack()
         stack.enter_context(disable_input_dtype_casting(self.model))
         stack.enter_context(torch.autocast(self.device.type, dtype=self.dtype))
@@ -470,28 +472,19 @@ class PeftLoraTrainer:
                  "bad_evals": self.bad_evals, "history": self.history,
                  "stop_reason": self.stop_reason, "recent_losses": list(self.recent_losses),
                  "fingerprint": self._fingerprint()}
-        save_checkpoint(self.out_dir, self.step, model=self.model, state=state, spec_json=self._adapter_meta().model_dump(mode="json"))
+        save_checkpoint(self.out_dir, self.step, model=self.model, state=state,
+                        spec_json=self.build.adapter_meta(self.step).model_dump(mode="json"))
         self.last_saved_step = self.step
 
     # -- the result -------------------------------------------------------------------------------
 
-    def _adapter_meta(self) -> AdapterMeta:
-        from core.version import code_version
-        meta = self.data.meta
-        return AdapterMeta(template=meta.template, instruction=meta.instruction, label_names=meta.label_names,
-                           base_model=self.spec.model, base_model_path=str(self.model_dir),
-                           base_model_digest=self.model_digest, dataset_hash=meta.hash, steps=self.step,
-                           max_seq_len=self.spec.max_seq_len, spec=self.spec.model_dump(mode="json"),
-                           code_version=code_version(), backend="peft")
-
-    def _export(self) -> dict[str, Any]:
-        """Write the final adapter (temp folder, then rename) and build the result dict."""
+    def _export(self) -> TrainResult:
+        """Write the final adapter (temp folder, then rename) and build the result."""
         adapter_dir = self.out_dir / "adapter"
         with atomic_dir(adapter_dir) as tmp:
             self.model.save_pretrained(tmp)
-            self._adapter_meta().save(tmp)
+            self.build.write_adapter_meta(tmp, self.step)
         last_eval = self.history[-1] if self.history else {}
-        meta = self.data.meta
         metrics = {"train_loss": (sum(self.recent_losses) / len(self.recent_losses)) if self.recent_losses else None,
                    "val_loss": last_eval.get("val_loss"), "val_accuracy": last_eval.get("val_accuracy"),
                    "best_val_loss": self.best_val_loss if math.isfinite(self.best_val_loss) else None,
@@ -502,12 +495,8 @@ class PeftLoraTrainer:
                    "epochs": round(self.step * self.spec.grad_accum / self.micro_per_epoch, 4),
                    "dtype": str(self.dtype).removeprefix("torch."), "device": str(self.device),
                    "stop_reason": self.stop_reason or "completed"}
-        return {"adapter_dir": str(adapter_dir), "base_model": self.spec.model,
-                "base_model_digest": self.model_digest, "template": meta.template,
-                "instruction": meta.instruction, "label_names": list(meta.label_names),
-                "dataset_hash": meta.hash, "steps": self.step, "total_steps": self.total_steps,
-                "metrics": metrics, "history": list(self.history), "resumed_from_step": self.resumed_from_step,
-                "backend": "peft"}
+        return self.build.result(adapter_dir=adapter_dir, steps=self.step, total_steps=self.total_steps,
+                                 metrics=metrics, history=self.history, resumed_from_step=self.resumed_from_step)
 
     def cleanup(self) -> None:
         if self.wandb is not None:

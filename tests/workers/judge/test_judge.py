@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import signal
 import subprocess
@@ -17,12 +18,13 @@ import torch
 
 from tests.fakes.ollama_server import SHAPES, FakeOllama
 from core.context import JobCancelled, LocalContext
+from core.contracts.judge import JudgeSummary
 from workers.judge import (JUDGE_SCHEMA, RASCHKA, RUBRIC, RUBRIC_VERSION, RUBRICS, TWO_SCORE, ClassifyRun, JudgeAnswer,
                            JudgeInputError, JudgeModelMissing, JudgeUnavailable, LocalJudge, OllamaJudge,
-                           OpenAIJudge, Unscorable, _score_distribution, answer_dialogue, control_items,
-                           dialogue_items, judge_items, judge_messages, judge_validity, make_judge, parse_judgement,
-                           parse_raschka, raschka_prompt, run_judge, sample_items, split_thinking,
-                           summarize_judgements, validity_line)
+                           OpenAIJudge, Unscorable, answer_dialogue, control_items, dialogue_items, judge_items,
+                           judge_messages, judge_validity, make_judge, parse_judgement, parse_raschka, raschka_prompt,
+                           run_judge, sample_items, score_distribution, split_thinking, summarize_judgements,
+                           validity_line)
 from core.specs.judge import JudgeSpec
 
 MODEL = "deepseek-r1:8b"
@@ -128,7 +130,7 @@ def _indented_blocks(md: str) -> list[str]:
 
 def test_raschka_rubric_is_the_published_prompt_verbatim():
     """The prompt text against the reference project's, as published (copied with its source into
-    tests/workers/reference/): character for character, trailing space included."""
+    tests/workers/judge/reference/): character for character, trailing space included."""
     fmt, prompt = _indented_blocks(REFERENCE.read_text(encoding="utf-8"))[:2]
     item = {"instruction": "Name the capital of France.", "input": "Europe", "reference": "Paris",
             "response": "Paris."}
@@ -196,8 +198,8 @@ def test_ollama_judge_scores_and_records(fake, stream):
     assert (r.judge_backend, r.judge_model, r.judge_digest) == ("ollama", MODEL, DIGEST)
     assert r.rubric_version == RUBRIC_VERSION and r.latency_ms > 0 and r.thinking_chars > 0
     assert r.rubric == "two-score" and r.scoring == "text" and r.control is None
-    assert summary["n_scored"] == 5 and summary["n_unscored"] == 0
-    assert summary["coherence"]["mean"] == pytest.approx(20.0)
+    assert summary.n_scored == 5 and summary.n_unscored == 0
+    assert summary.coherence.mean == pytest.approx(20.0)
     assert set(ctx.judge_rows) == {f"i{k}" for k in range(5)}
     req = fake.requests[0]
     assert req["model"] == MODEL and req["format"] == JUDGE_SCHEMA
@@ -236,7 +238,7 @@ def test_documented_ollama_reply_shapes(fake, name):
     if name == "stream_error":
         assert r.attempts == 2 and "broke off" in r.error  # retried, then counted
     if status == "partial":
-        assert summary["n_partial"] == 1 and summary["following"] is None and summary["coherence"]["n"] == 1
+        assert summary.n_partial == 1 and summary.following is None and summary.coherence.n == 1
 
 
 def test_thinking_without_answer_is_counted_unscored(fake):
@@ -245,16 +247,16 @@ def test_thinking_without_answer_is_counted_unscored(fake):
     rows, summary = judge_items(items(3), OllamaJudge(MODEL, host=fake.url), spec(), LocalContext())
     assert [r.status for r in rows] == ["scored", "unscored", "scored"]
     assert rows[1].error_kind == "empty_answer" and "no answer" in rows[1].error
-    assert summary["n"] == 3 and summary["n_scored"] == 2 and summary["n_unscored"] == 1
-    assert summary["unscored_reasons"] == {"empty_answer": 1}
-    assert summary["coherence"]["mean"] == pytest.approx((0 + 20) / 2)  # over scored items, count beside it
+    assert summary.n == 3 and summary.n_scored == 2 and summary.n_unscored == 1
+    assert summary.unscored_reasons == {"empty_answer": 1}
+    assert summary.coherence.mean == pytest.approx((0 + 20) / 2)  # over scored items, count beside it
 
 
 def test_one_number_is_never_copied_into_both_scales(fake):
     fake.reply = "85"
     rows, summary = judge_items(items(1), OllamaJudge(MODEL, host=fake.url), spec(), LocalContext())
     assert (rows[0].status, rows[0].coherence, rows[0].following) == ("unscored", None, None)
-    assert rows[0].error_kind == "ambiguous_score" and summary["coherence"] is None
+    assert rows[0].error_kind == "ambiguous_score" and summary.coherence is None
 
 
 def test_raschka_rubric_over_ollama(fake):
@@ -270,13 +272,13 @@ def test_raschka_rubric_over_ollama(fake):
         assert req["options"] == {"temperature": 0, "seed": 123, "num_ctx": 2048} and "format" not in req
     assert sorted(r["messages"][0]["content"] for r in fake.requests) == sorted(raschka_prompt(it) for it in its[:2])
     assert all(len(r["messages"]) == 1 and r["messages"][0]["role"] == "user" for r in fake.requests)
-    assert summary["scales"] == ["score"] and summary["score"]["mean"] == pytest.approx(60.0)
+    assert summary.scales == ["score"] and summary.score.mean == pytest.approx(60.0)
 
 
 def test_garbage_answer_is_kept_unscored(fake):
     fake.reply = "I cannot judge this."
     rows, summary = judge_items(items(2), OllamaJudge(MODEL, host=fake.url), spec(), LocalContext())
-    assert summary["n_unscored"] == 2 and summary["coherence"] is None
+    assert summary.n_unscored == 2 and summary.coherence is None
     assert rows[0].raw == "I cannot judge this." and rows[0].error_kind == "unparseable"
 
 
@@ -285,7 +287,7 @@ def test_server_errors_are_retried_with_backoff(fake):
     t0 = time.perf_counter()
     rows, summary = judge_items(items(3), OllamaJudge(MODEL, host=fake.url), spec(concurrency=1, backoff_s=0.1),
                                 LocalContext())
-    assert summary["n_scored"] == 3
+    assert summary.n_scored == 3
     assert rows[0].attempts == 3 and rows[1].attempts == 1
     assert fake.chats == 5
     assert time.perf_counter() - t0 >= 0.1 + 0.2  # two waits: 0.1 s then 0.2 s
@@ -294,7 +296,7 @@ def test_server_errors_are_retried_with_backoff(fake):
 def test_persistent_server_errors_are_counted(fake):
     fake.fail_first = 10 ** 6
     rows, summary = judge_items(items(3), OllamaJudge(MODEL, host=fake.url), spec(retries=1), LocalContext())
-    assert summary["n_unscored"] == 3 and summary["unscored_reasons"] == {"server_error": 3}
+    assert summary.n_unscored == 3 and summary.unscored_reasons == {"server_error": 3}
     assert all(r.attempts == 2 for r in rows)
     assert fake.chats == 6
     assert "500" in rows[0].error and "after 2 attempts" in rows[0].error
@@ -304,7 +306,7 @@ def test_slow_server_times_out_and_is_counted(fake):
     fake.delay_s = 1.0
     judge = OllamaJudge(MODEL, host=fake.url, timeout_s=0.2)
     rows, summary = judge_items(items(2), judge, spec(retries=0, timeout_s=0.2), LocalContext())
-    assert summary["unscored_reasons"] == {"timeout": 2}
+    assert summary.unscored_reasons == {"timeout": 2}
     assert all(r.latency_ms < 900 for r in rows)
 
 
@@ -335,7 +337,7 @@ def test_server_down(fake):
     fake.stop()
     # Down mid-run: every item is retried, then counted with its reason.
     rows, summary = judge_items(items(3), judge, spec(retries=1), LocalContext())
-    assert summary["n_unscored"] == 3 and summary["unscored_reasons"] == {"connection": 3}
+    assert summary.n_unscored == 3 and summary.unscored_reasons == {"connection": 3}
     assert "ollama serve" in rows[0].error
     # Down from the start: the job fails at once, saying where it looked.
     with pytest.raises(JudgeUnavailable, match=re.escape(fake.url)):
@@ -347,7 +349,7 @@ def test_concurrency_limit_is_respected(fake, concurrency):
     fake.delay_s = 0.15
     rows, summary = judge_items(items(7), OllamaJudge(MODEL, host=fake.url), spec(concurrency=concurrency),
                                 LocalContext())
-    assert summary["n_scored"] == 7
+    assert summary.n_scored == 7
     assert fake.max_concurrent == concurrency
 
 
@@ -373,8 +375,22 @@ def test_make_judge_and_bad_items(fake):
 
 def test_summary_of_nothing():
     s = summarize_judgements([])
-    assert s["n"] == 0 and s["coherence"] is None and s["latency_ms"] is None
-    assert s["validity"] is None and s["evidence"] is False
+    assert s.n == 0 and s.coherence is None and s.latency_ms is None
+    assert s.validity is None and s.evidence is False
+
+
+def test_summary_is_stored_with_its_rubric_scales_only(fake):
+    """The summary's JSON (kept in the job result and the evaluation document) names the rubric's own scales
+    and loads back equal through its contract."""
+    fake.reply = "90"
+    _, summary = judge_items(items(2), make_judge(spec(host=fake.url, rubric="raschka")), spec(rubric="raschka"),
+                             LocalContext())
+    stored = json.loads(summary.model_dump_json())
+    assert stored["scales"] == ["score"] and stored["score"]["mean"] == 90.0 and stored["format_version"] == 1
+    assert "coherence" not in stored and "following" not in stored
+    assert JudgeSummary.validated(stored, where="test") == summary
+    two = summarize_judgements([{"item_id": "a", "status": "scored", "coherence": 10.0, "following": 20.0}])
+    assert set(two.model_dump()) >= {"coherence", "following"} and "score" not in two.model_dump()
 
 
 def test_any_backend_failure_costs_one_item_only():
@@ -392,7 +408,7 @@ def test_any_backend_failure_costs_one_item_only():
     rows, summary = judge_items(items(3), Flaky(), spec(), LocalContext())
     assert [r.status for r in rows] == ["scored", "unscored", "scored"]
     assert rows[1].error_kind == "judge_error" and "out of memory" in rows[1].error
-    assert summary["unscored_reasons"] == {"judge_error": 1} and rows[0].judge_digest == "d0"
+    assert summary.unscored_reasons == {"judge_error": 1} and rows[0].judge_digest == "d0"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -429,14 +445,22 @@ def _rows(ctl: list[dict], score) -> list[dict]:
 def test_judge_validity_separates_a_judge_from_chance():
     ctl = control_items(classify_items(40), label_names=LABELS, n_pairs=30, n_repeats=10, seed=0)
     good = judge_validity(_rows(ctl, lambda c: 90.0 if c["control"] == "gold" else 10.0), "following")
-    assert (good["n_pairs"], good["k_correct"], good["beats_chance"]) == (30, 30, True)
-    assert good["ci"][0] > 0.85 and good["self_agreement"]["k_within"] == 20
+    assert (good.n_pairs, good.k_correct, good.beats_chance) == (30, 30, True)
+    assert good.ci[0] > 0.85 and good.self_agreement.k_within == 20
     flat = judge_validity(_rows(ctl, lambda c: 50.0), "following")  # ties count against the judge
-    assert flat["k_correct"] == 0 and flat["n_ties"] == 30 and not flat["beats_chance"]
-    coin = judge_validity(_rows(ctl, lambda c: float(hash(c["item_id"]) % 100)), "following")
-    assert not coin["beats_chance"] or coin["k_correct"] > 20
+    assert flat.k_correct == 0 and flat.n_ties == 30 and not flat.beats_chance
+    # A judge that scores at random (seeded, so the same scores every run) prefers the correct answer in 19 of
+    # 30 pairs, more than half, but its Wilson interval reaches below chance: it does not beat chance, and it
+    # rarely agrees with itself on a repeated item.
+    rng = random.Random(0)
+    coin_scores = {c["item_id"]: float(rng.randrange(101)) for c in ctl}
+    coin = judge_validity(_rows(ctl, lambda c: coin_scores[c["item_id"]]), "following")
+    assert (coin.n_pairs, coin.k_correct, coin.n_ties, coin.n_unscored_pairs) == (30, 19, 0, 0)
+    assert coin.rate > coin.chance and coin.ci[0] < coin.chance and not coin.beats_chance
+    assert (coin.self_agreement.n, coin.self_agreement.k_within) == (20, 2)
+    assert "does NOT beat chance" in validity_line(coin)
     unscored = judge_validity([{**c, "status": "unscored", "following": None} for c in ctl], "following")
-    assert unscored["n_unscored_pairs"] == 30 and not unscored["beats_chance"]
+    assert unscored.n_unscored_pairs == 30 and not unscored.beats_chance
     assert "does NOT beat chance" in validity_line(flat) and "beats chance" in validity_line(good)
     assert "not evidence" in validity_line(None)
 
@@ -515,13 +539,13 @@ def test_score_distribution_reads_multi_digit_scores():
     p[0, 8, 5] = 1.0  # "8" is always followed by "5": 85
     p[0, 1, 0] = 1.0  # "1" is followed by "0" ...
     p[0, 10, 0] = 0.5  # ... and "10" by "0" half the time: 100 or 10
-    dist, mass = _score_distribution(p)
+    dist, mass = score_distribution(p)
     assert mass.item() == pytest.approx(1.0)
     assert dist[0, 85].item() == pytest.approx(0.5) and dist[0, 100].item() == pytest.approx(0.25)
     assert dist[0, 10].item() == pytest.approx(0.25) and dist.sum().item() == pytest.approx(1.0)
     q = torch.zeros(1, 11, 10)
     q[0, 0, 7] = 0.1  # only 10% digit mass, then nothing follows "7": the score is 7
-    dist, mass = _score_distribution(q)
+    dist, mass = score_distribution(q)
     assert mass.item() == pytest.approx(0.1) and dist[0, 7].item() == pytest.approx(1.0)
 
 
@@ -535,7 +559,7 @@ def test_probability_judge_scores_every_item(tiny_model_dir, rubric):
     rows, summary = judge_items(its[:5], judge, JudgeSpec(backend="local", scoring="probability", rubric=rubric,
                                                            sample=None, batch_size=3), LocalContext(),
                                 controls=its[5:])
-    assert summary["n"] == 5 and summary["n_scored"] == 5 and summary["n_unscored"] == 0
+    assert summary.n == 5 and summary.n_scored == 5 and summary.n_unscored == 0
     scales = ("score",) if rubric == "raschka" else ("coherence", "following")
     for r in rows:
         assert r.status == "scored" and r.scoring == "probability" and r.parse == "expected"
@@ -544,7 +568,7 @@ def test_probability_judge_scores_every_item(tiny_model_dir, rubric):
                                                            sample=None, batch_size=1), LocalContext())
     for a, b in zip(rows, one_by_one):
         assert [getattr(a, s) for s in scales] == pytest.approx([getattr(b, s) for s in scales], abs=0.05)
-    assert summary["validity"]["n_pairs"] == 2 and summary["validity"]["self_agreement"]["n"] == 2
+    assert summary.validity.n_pairs == 2 and summary.validity.self_agreement.n == 2
 
 
 def test_local_text_judge_tiny_model_is_counted_unscored(tiny_model_dir):
@@ -554,7 +578,7 @@ def test_local_text_judge_tiny_model_is_counted_unscored(tiny_model_dir):
     assert all(isinstance(i["response"], str) for i in its) and its[0]["item_id"] == "interest-rate"
     rows, summary = judge_items(its, judge, JudgeSpec(backend="local", sample=None, concurrency=2), LocalContext())
     # A random 2-layer model writes garbage: every item is kept, none scored.
-    assert summary["n"] == 3 and summary["n_unscored"] == 3 and summary["n_scored"] == 0
+    assert summary.n == 3 and summary.n_unscored == 3 and summary.n_scored == 0
     assert {r.error_kind for r in rows} <= {"unparseable", "empty_answer", "ambiguous_score"}
     assert rows[0].judge_backend == "local" and rows[0].judge_digest == model_digest(tiny_model_dir)
 
@@ -626,21 +650,30 @@ def transformers_serve(smollm2_dir, tmp_path_factory):
 @pytest.mark.smollm2
 def test_openai_backend_against_transformers_serve(transformers_serve):
     """One item under each rubric through a real OpenAI-compatible server: the request goes out, the answer comes
-    back and is recorded scored or unscored with its reason (SmolLM2 is a weak judge; the plumbing is the point)."""
+    back and is recorded scored or unscored with its reason, and at least one answer is read as a score (SmolLM2
+    is a weak judge, so the item is one it answers with a number: greedy, fp32, the same answer every run)."""
     base_url, model = transformers_serve
+    item = {"item_id": "i0", "instruction": "What is 2 + 2?", "input": "", "reference": "4", "response": "4"}
+    scored = []
     for rubric in ("two-score", "raschka"):
         s = spec(backend="openai", base_url=base_url, judge_model=model, rubric=rubric, max_new_tokens=8,
                  retries=0, timeout_s=120, concurrency=1)
         judge = make_judge(s)
         assert isinstance(judge, OpenAIJudge) and judge.use_schema is (rubric == "two-score")
         ctx = LocalContext()
-        rows, summary = judge_items(items(1), judge, s, ctx)
+        rows, summary = judge_items([item], judge, s, ctx)
         r = rows[0]
-        assert summary["n"] == 1 and set(ctx.judge_rows) == {"i0"}
+        assert summary.n == 1 and set(ctx.judge_rows) == {"i0"}
         assert (r.judge_backend, r.judge_model, r.rubric, r.attempts) == ("openai", model, rubric, 1)
         assert r.judge_digest.startswith("models:") and r.raw is not None and r.latency_ms > 0, r
         assert r.status == "scored" or r.error_kind in ("unparseable", "empty_answer", "ambiguous_score",
                                                         "truncated", "missing_scale", "out_of_range"), r
+        if r.status == "scored":
+            assert all(isinstance(getattr(r, scale), float) for scale in RUBRICS[rubric].scales), r
+            assert summary.n_scored == 1
+            scored.append(rubric)
+    # The server's answer was read as a score at least once (SmolLM2 answers the raschka prompt "2 + 2 = 4").
+    assert scored, "no rubric's answer from the server was scored"
     # A model the server does not serve stops the job, naming what it serves.
     with pytest.raises(JudgeModelMissing, match="not served"):
         judge_items(items(1), make_judge(spec(backend="openai", base_url=base_url, judge_model="nope")), s,
@@ -661,8 +694,8 @@ def test_smollm2_probability_judge_runs_on_a_control_set(smollm2_dir):
     ctl = control_items(classify_items(8), label_names=LABELS, n_pairs=3, n_repeats=1)
     rows, summary = judge_items(classify_items(1), judge, JudgeSpec(backend="local", scoring="probability",
                                                                     sample=None), LocalContext(), controls=ctl)
-    assert summary["n_scored"] == 1 and all(r.status == "scored" for r in rows)
+    assert summary.n_scored == 1 and all(r.status == "scored" for r in rows)
     assert all(0 < r.score_mass <= 1 and 0 <= r.following <= 100 for r in rows)
-    v = summary["validity"]
-    assert v["n_pairs"] == 3 and v["k_correct"] + v["n_ties"] + v["n_unscored_pairs"] <= 3
-    assert v["self_agreement"]["n"] == 2 and v["self_agreement"]["mean_abs_diff"] < 1.0  # deterministic
+    v = summary.validity
+    assert v.n_pairs == 3 and v.k_correct + v.n_ties + v.n_unscored_pairs <= 3
+    assert v.self_agreement.n == 2 and v.self_agreement.mean_abs_diff < 1.0  # deterministic

@@ -124,11 +124,11 @@ def test_real_smollm2_round_trip_keeps_llama_cpp_layout_and_predictions(smollm2_
     the same llama.cpp layout as the original file (Q/K permuted, no output.weight: tied embeddings), and
     the same labels on real articles."""
     from gguf import GGUFReader, dequantize
-    from workers.export import _tokenizer_pre
+    from workers.export.gguf_writer import base_tokenizer_pre
     model, tok = _load(smollm2_dir)
     # The pre-tokenizer name comes from the GGUF the checkpoint was converted from, as in an export job.
     write_gguf(model, tok, tmp_path / "smol.f16.gguf", quant="f16", name="smol",
-               tokenizer_pre=_tokenizer_pre(smollm2_dir))
+               tokenizer_pre=base_tokenizer_pre(smollm2_dir))
     ours_reader = GGUFReader(str(tmp_path / "smol.f16.gguf"))
     ours = {t.name: t for t in ours_reader.tensors}
     orig_reader = GGUFReader(str(_packaged_gguf()))
@@ -324,7 +324,7 @@ def test_export_job_registers_the_export_and_the_client_downloads_it(newslora_ho
     from db import jobs as jobq
     from db.session import init_db, session_scope
     from workers.jobs.runner import run_job
-    from workers.jobs.tasks import HANDLERS
+    from workers.jobs.handlers import HANDLERS
     init_db()
     with session_scope() as s:
         ds = resq.add_dataset(session=s, job_id=None, name="t", path=str(tiny_dataset), hash="d" * 16,

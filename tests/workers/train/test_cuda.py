@@ -24,14 +24,14 @@ def test_train_and_classify_on_cuda(tiny_model_dir, tmp_path, ag_news_dir):
     result = train_adapter(TrainSpec(dataset_id=1, model=str(tiny_model_dir), max_steps=4, batch_size=4,
                                      device="cuda", dtype="bf16", eval_every=2, save_every=2, val_samples=4),
                            ds, tmp_path / "out", LocalContext())
-    assert result["metrics"]["device"].startswith("cuda")
+    assert result.metrics.device.startswith("cuda")
     items = [{"id": str(i), "text": t, "seq": i} for i, t in enumerate(["Stocks fell.", "The team won."])]
     spec = ClassifySpec(items=[{"id": "x", "text": "x"}], device="cuda", dtype="bf16")
     engine = get_engine(str(tiny_model_dir), dtype="bf16", device="cuda")
     ctx = LocalContext()
     classify_items(items, engine=engine, model_ref=str(tiny_model_dir),
-                   adapter=AdapterRef(adapter_id=1, path=Path(result["adapter_dir"])),
-                   label_names=result["label_names"], instruction=result["instruction"],
-                   template=result["template"], spec=spec, ctx=ctx)
+                   adapter=AdapterRef(adapter_id=1, path=Path(result.adapter_dir)),
+                   label_names=result.label_names, instruction=result.instruction,
+                   template=result.template, spec=spec, ctx=ctx)
     assert len(ctx.predictions) == 2
     assert all(abs(sum(p["probs"].values()) - 1) < 1e-2 for p in ctx.predictions.values())

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import re
 
 import pytest
@@ -128,3 +129,26 @@ def test_render_table(evaluation):
     assert "accuracy (95% CI)" in text and "lora − base" in text and "Sci/Tech" in text
     assert "lora − tfidf-svm" in text and "tfidf-svm F1" in text and "fitted on 12 texts" in text
     assert "85.0%" in text and "\x1b[" not in text  # plain text, no colour codes
+
+
+def test_stored_judge_summaries_of_older_code_still_render(evaluation, tmp_path):
+    """Evaluations stored before the judge summary had its contract (no format_version) render as they did, and
+    so do summaries of the first judge (no scales, partial count, control set, evidence or rubric)."""
+    stored = json.loads(json.dumps(evaluation))
+    for block in ("judge", "dialogue"):
+        for s in stored[block].values():
+            del s["format_version"]
+    assert summary_rows(stored) == summary_rows(evaluation)
+    for block in ("judge", "dialogue"):
+        for s in stored[block].values():
+            for key in ("scales", "n_partial", "validity", "evidence", "rubric", "scoring", "spread"):
+                del s[key]
+    table = {r[0]: r for r in summary_rows(stored)[1]}
+    coherence = table["judge: coherence 0-100 (95% CI)"][1]
+    assert coherence.startswith("47.5 [") and "unscored 1" in coherence
+    assert "not evidence" not in coherence  # before the control set, scores were not labelled; today they are
+    assert "not evidence" in {r[0]: r for r in summary_rows(evaluation)[1]}["judge: coherence 0-100 (95% CI)"][1]
+    assert table["judge: validity, prefers the correct answer (95% CI)"][1] == "no control set: not evidence"
+    assert "no control pairs were scored" in render_table(stored)
+    assert "AG News: base vs LoRA" in write_report(stored, tmp_path).read_text()
+    assert (tmp_path / "judge_scores.png").exists() and (tmp_path / "dialogue_scores.png").exists()

@@ -196,7 +196,7 @@ def _newslora(env, *args, timeout=600):
 def test_llama2_7b_preset_runs_end_to_end_on_the_standin(standin_cli, llama2_standin_dir, backend):
     from api_client.client import Client
     if backend == "torchtune":
-        from workers.train.torchtune_backend import TorchtuneEnvMissing, torchtune_python
+        from workers.train.torchtune import TorchtuneEnvMissing, torchtune_python
         try:
             torchtune_python()
         except TorchtuneEnvMissing as e:

@@ -13,17 +13,22 @@ from pathlib import Path
 import pytest
 
 from core.context import JobCancelled, LocalContext
-from workers.modeling.prompts import default_instruction
+from core.contracts.train import TrainResult
+from core.settings import reset_settings
 from core.specs.train import LoraSpec, TrainSpec
-from workers.train import torchtune_backend as tb
+from workers.modeling.prompts import default_instruction
+from workers.train.torchtune import TorchtuneEnvMissing, TorchtuneRunFailed, torchtune_python, train_torchtune
+from workers.train.torchtune import entry, recipe
+from workers.train.torchtune.process import PID_FILE, is_recipe_process, run_recipe
+from workers.train.torchtune.recipe import SNAPSHOTS
 from tests.conftest import make_dataset_meta
 
 LABELS = ["World", "Sports", "Business", "Sci/Tech"]
 INSTRUCTION = default_instruction(LABELS)
 
 try:
-    _ENV_PYTHON: Path | None = tb.torchtune_python()
-except tb.TorchtuneEnvMissing:
+    _ENV_PYTHON: Path | None = torchtune_python()
+except TorchtuneEnvMissing:
     _ENV_PYTHON = None
 needs_env = pytest.mark.skipif(
     _ENV_PYTHON is None,
@@ -57,35 +62,49 @@ NEWS = [
 # No torchtune needed
 
 
-def test_missing_env_says_how_to_create_it(monkeypatch, tmp_path):
-    monkeypatch.delenv("NEWSLORA_TORCHTUNE_PYTHON", raising=False)
-    monkeypatch.setenv("NEWSLORA_TORCHTUNE_VENV", str(tmp_path / "nowhere"))
-    with pytest.raises(tb.TorchtuneEnvMissing, match=r"bash scripts/setup_torchtune_env\.sh"):
-        tb.torchtune_python()
+@pytest.fixture
+def env_settings(monkeypatch):
+    """Set environment variables for this test, read again by the settings (and forgotten after it)."""
+    def setenv(name: str, value: str | None) -> None:
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+        reset_settings()
+    yield setenv
+    monkeypatch.undo()
+    reset_settings()
+
+
+def test_missing_env_says_how_to_create_it(env_settings, tmp_path):
+    env_settings("NEWSLORA_TORCHTUNE_PYTHON", None)
+    env_settings("NEWSLORA_TORCHTUNE_VENV", str(tmp_path / "nowhere"))
+    with pytest.raises(TorchtuneEnvMissing, match=r"bash scripts/setup_torchtune_env\.sh"):
+        torchtune_python()
     spec = TrainSpec(dataset_id=1, backend="torchtune")
-    with pytest.raises(tb.TorchtuneEnvMissing):
-        tb.train_torchtune(spec, tmp_path, tmp_path / "out", LocalContext(work_dir=tmp_path))
+    with pytest.raises(TorchtuneEnvMissing):
+        train_torchtune(spec, tmp_path, tmp_path / "out", LocalContext(work_dir=tmp_path))
 
 
-def test_python_override_wins(monkeypatch):
-    monkeypatch.setenv("NEWSLORA_TORCHTUNE_PYTHON", sys.executable)
-    assert tb.torchtune_python() == Path(sys.executable)
+def test_python_override_wins(env_settings):
+    env_settings("NEWSLORA_TORCHTUNE_PYTHON", sys.executable)
+    assert torchtune_python() == Path(sys.executable)
 
 
 def test_lora_modules_map_to_torchtune_names():
     attn = ["q_proj", "k_proj", "v_proj", "output_proj"]
-    assert tb.lora_modules(LoraSpec(target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])) == (attn, False)
-    assert tb.lora_modules(LoraSpec(target_modules=["all-linear"])) == (attn, True)
-    assert tb.lora_modules(LoraSpec(target_modules=["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"])) \
+    assert recipe.lora_modules(LoraSpec(target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])) == (attn, False)
+    assert recipe.lora_modules(LoraSpec(target_modules=["all-linear"])) == (attn, True)
+    assert recipe.lora_modules(LoraSpec(target_modules=["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"])) \
         == (["q_proj", "v_proj"], True)
     with pytest.raises(ValueError, match="together"):
-        tb.lora_modules(LoraSpec(target_modules=["q_proj", "gate_proj"]))
+        recipe.lora_modules(LoraSpec(target_modules=["q_proj", "gate_proj"]))
     with pytest.raises(ValueError, match="lm_head"):
-        tb.lora_modules(LoraSpec(target_modules=["q_proj", "lm_head"]))
+        recipe.lora_modules(LoraSpec(target_modules=["q_proj", "lm_head"]))
     with pytest.raises(ValueError, match="attention module"):
-        tb.lora_modules(LoraSpec(target_modules=["gate_proj", "up_proj", "down_proj"]))
+        recipe.lora_modules(LoraSpec(target_modules=["gate_proj", "up_proj", "down_proj"]))
     with pytest.raises(ValueError, match="lora.top_layers.*backend 'peft'"):
-        tb.lora_modules(LoraSpec(top_layers=2))
+        recipe.lora_modules(LoraSpec(top_layers=2))
 
 
 def test_top_layers_with_torchtune_is_refused_when_the_spec_is_made():
@@ -96,7 +115,7 @@ def test_top_layers_with_torchtune_is_refused_when_the_spec_is_made():
 
 
 def test_builder_args_for_smollm2(smollm2_dir):
-    args = tb.model_builder_args(smollm2_dir)
+    args = recipe.model_builder_args(smollm2_dir)
     assert {k: args[k] for k in ("vocab_size", "num_layers", "num_heads", "num_kv_heads", "embed_dim",
                                  "intermediate_dim", "max_seq_len", "scale_factor", "tie_word_embeddings")} == {
         "vocab_size": 49152, "num_layers": 30, "num_heads": 9, "num_kv_heads": 3, "embed_dim": 576,
@@ -114,7 +133,7 @@ def test_builder_refuses_what_it_cannot_reproduce(tmp_path, smollm2_dir):
         d.mkdir()
         (d / "config.json").write_text(json.dumps({**cfg, **change}))
         with pytest.raises(ValueError, match=match):
-            tb.model_builder_args(d)
+            recipe.model_builder_args(d)
 
 
 def _config_dir(root: Path, name: str, **cfg) -> Path:
@@ -134,43 +153,43 @@ LLAMA2_7B_CONFIG = {"model_type": "llama", "vocab_size": 32000, "hidden_size": 4
 def test_builder_and_checkpointer_come_from_the_registry(tmp_path, smollm2_dir, llama2_standin_dir):
     # The LLaMA-2-7B preset: the reference recipe's fixed-size builder and the LLAMA2 checkpointer.
     seven_b = _config_dir(tmp_path, "7b", **LLAMA2_7B_CONFIG)
-    m = tb.torchtune_model("llama2-7b", seven_b)
+    m = recipe.torchtune_model("llama2-7b", seven_b)
     assert (m.builder, m.model_type, m.shape) == ("torchtune.models.llama2.lora_llama2_7b", "LLAMA2", {})
     # SmolLM2: Llama-3.2's component builder shaped from config.json, as before.
-    m = tb.torchtune_model("smollm2-135m", smollm2_dir)
+    m = recipe.torchtune_model("smollm2-135m", smollm2_dir)
     assert (m.builder, m.model_type) == ("torchtune.models.llama3_2.lora_llama3_2", "LLAMA3_2")
-    assert m.shape == tb.model_builder_args(smollm2_dir)
+    assert m.shape == recipe.model_builder_args(smollm2_dir)
     # A local LLaMA-2-shaped folder (the stand-in): detected by its config, LLaMA-2's component builder.
-    m = tb.torchtune_model(str(llama2_standin_dir), llama2_standin_dir)
+    m = recipe.torchtune_model(str(llama2_standin_dir), llama2_standin_dir)
     assert (m.builder, m.model_type) == ("torchtune.models.llama2.lora_llama2", "LLAMA2")
     assert m.shape == {"vocab_size": 1000, "num_layers": 2, "num_heads": 4, "num_kv_heads": 4, "embed_dim": 64,
                        "intermediate_dim": 176, "max_seq_len": 4096, "norm_eps": pytest.approx(1e-5)}
     # The same folder through the 7B preset: the fixed builder would build another shape.
     with pytest.raises(ValueError, match=r"builds vocab_size 32000 \(checkpoint: 1000\)"):
-        tb.torchtune_model("llama2-7b", llama2_standin_dir)
+        recipe.torchtune_model("llama2-7b", llama2_standin_dir)
     # ... and a SmolLM2-style folder through it: the wrong family.
     with pytest.raises(ValueError, match="llama3.2-style"):
-        tb.torchtune_model("llama2-7b", smollm2_dir)
+        recipe.torchtune_model("llama2-7b", smollm2_dir)
 
 
 def test_every_registry_entry_names_a_known_builder():
     from workers.modeling.registry import model_presets
     for preset in model_presets().values():
-        assert preset.torchtune_builder in tb.BUILDERS, preset.name
-        assert preset.torchtune_model_type == tb.BUILDERS[preset.torchtune_builder].model_type, preset.name
+        assert preset.torchtune_builder in recipe.BUILDERS, preset.name
+        assert preset.torchtune_model_type == recipe.BUILDERS[preset.torchtune_builder].model_type, preset.name
 
 
 def test_unknown_architectures_are_refused_clearly(tmp_path):
     mistral = _config_dir(tmp_path, "mistral", **{**LLAMA2_7B_CONFIG, "model_type": "mistral"})
     with pytest.raises(ValueError, match=r"unknown architecture 'mistral'.*use backend 'peft'"):
-        tb.torchtune_model(str(mistral), mistral)
+        recipe.torchtune_model(str(mistral), mistral)
     llama3 = _config_dir(tmp_path, "llama3", **{**LLAMA2_7B_CONFIG, "rope_theta": 500000.0})
     with pytest.raises(ValueError, match=r"untied embeddings and RoPE theta 500000 matches no torchtune builder"):
-        tb.torchtune_model(str(llama3), llama3)
+        recipe.torchtune_model(str(llama3), llama3)
     scaled = _config_dir(tmp_path, "scaled", **{**LLAMA2_7B_CONFIG,
                                                "rope_scaling": {"rope_type": "llama3", "factor": 8.0}})
     with pytest.raises(ValueError, match="RoPE type 'llama3'"):
-        tb.torchtune_model(str(scaled), scaled)
+        recipe.torchtune_model(str(scaled), scaled)
 
 
 def test_recipe_config_chunks_the_run_and_names_the_wandb_run_as_the_peft_loop(tmp_path, llama2_standin_dir):
@@ -178,9 +197,9 @@ def test_recipe_config_chunks_the_run_and_names_the_wandb_run_as_the_peft_loop(t
     spec = TrainSpec(dataset_id=1, model=str(llama2_standin_dir), backend="torchtune", batch_size=2, grad_accum=3,
                      save_every=4, wandb=True, lora=LoraSpec(target_modules=["q_proj", "v_proj"]))
     out = tmp_path / "out"
-    cfg = tb.recipe_config(spec, model_dir=llama2_standin_dir, run_dir=out / "torchtune", tokens_path=tmp_path / "t",
+    cfg = recipe.recipe_config(spec, model_dir=llama2_standin_dir, run_dir=out / "torchtune", tokens_path=tmp_path / "t",
                            total_steps=10, pad_id=2, device="cpu", dtype="fp32",
-                           wandb=tb.wandb_logger_args(spec, out))
+                           wandb=recipe.wandb_logger_args(spec, out))
     assert cfg["model"]["_component_"] == "torchtune.models.llama2.lora_llama2"
     assert cfg["checkpointer"]["model_type"] == "LLAMA2"
     # 10 steps in chunks of save_every=4: three recipe epochs (4, 4, 2), the schedule over the real 10.
@@ -189,15 +208,10 @@ def test_recipe_config_chunks_the_run_and_names_the_wandb_run_as_the_peft_loop(t
     wandb = cfg["metric_logger"]["wandb"]
     assert wandb["project"] == "newslora" and wandb["resume"] == "allow" and wandb["log_dir"] == str(out)
     assert wandb["id"] == f"train-{uuid.uuid5(uuid.NAMESPACE_URL, str(out.resolve())).hex[:12]}"
-    assert tb.wandb_logger_args(spec.model_copy(update={"wandb": False}), out) is None
+    assert recipe.wandb_logger_args(spec.model_copy(update={"wandb": False}), out) is None
 
 
 def test_chunk_sampler_serves_each_epoch_its_chunk():
-    sys.path.insert(0, str(tb.ENTRY.parent))
-    try:
-        import torchtune_entry as entry
-    finally:
-        sys.path.remove(str(tb.ENTRY.parent))
     entry.ChunkSampler.chunk_samples = 4
     sampler = entry.ChunkSampler(list(range(10)), num_replicas=1, rank=0, shuffle=False)
     chunks = []
@@ -214,43 +228,43 @@ def test_chunk_sampler_serves_each_epoch_its_chunk():
 
 def test_plan_steps_counts_as_the_peft_loop():
     spec = TrainSpec(dataset_id=1, batch_size=4, grad_accum=2, epochs=1.5)
-    assert tb.plan_steps(spec, 40) == 8  # ceil(1.5 * ceil(40 / 4) / 2)
-    assert tb.plan_steps(spec, 3) == 1
-    assert tb.plan_steps(spec.model_copy(update={"max_steps": 3}), 40) == 3
+    assert recipe.plan_steps(spec, 40) == 8  # ceil(1.5 * ceil(40 / 4) / 2)
+    assert recipe.plan_steps(spec, 3) == 1
+    assert recipe.plan_steps(spec.model_copy(update={"max_steps": 3}), 40) == 3
 
 
 def test_sample_order_is_full_bucketed_batches_each_pass():
     lengths = [10, 50, 12, 48, 11, 49, 30]
-    order = tb.sample_order(lengths, 14, batch_size=3, seed=1)
+    order = recipe.sample_order(lengths, 14, batch_size=3, seed=1)
     assert len(order) == 14
     assert sorted(order[:7]) == sorted(order[7:14]) == list(range(7))  # each pass sees every example once
-    assert order == tb.sample_order(lengths, 14, batch_size=3, seed=1)
-    assert order != tb.sample_order(lengths, 14, batch_size=3, seed=2)
+    assert order == recipe.sample_order(lengths, 14, batch_size=3, seed=1)
+    assert order != recipe.sample_order(lengths, 14, batch_size=3, seed=2)
 
 
 def test_fp16_is_refused_and_auto_follows_the_cpu(monkeypatch):
     spec = TrainSpec(dataset_id=1, dtype="fp16")
     with pytest.raises(ValueError, match="bf16 or fp32"):
-        tb.recipe_dtype(spec, "cpu")
-    monkeypatch.setattr(tb, "cpu_has_fast_bf16", lambda: False)
-    assert tb.recipe_dtype(TrainSpec(dataset_id=1), "cpu") == "fp32"
-    assert tb.recipe_dtype(TrainSpec(dataset_id=1), "cuda:0") == "bf16"
+        recipe.recipe_dtype(spec, "cpu")
+    monkeypatch.setattr(recipe, "cpu_has_fast_bf16", lambda: False)
+    assert recipe.recipe_dtype(TrainSpec(dataset_id=1), "cpu") == "fp32"
+    assert recipe.recipe_dtype(TrainSpec(dataset_id=1), "cuda:0") == "bf16"
 
 
-def test_bad_dataset_folder_is_named(tmp_path, monkeypatch):
+def test_bad_dataset_folder_is_named(tmp_path, env_settings):
     from workers.train.data import DatasetNotPrepared
-    monkeypatch.setenv("NEWSLORA_TORCHTUNE_PYTHON", sys.executable)
+    env_settings("NEWSLORA_TORCHTUNE_PYTHON", sys.executable)
     spec = TrainSpec(dataset_id=1, backend="torchtune")
     with pytest.raises(DatasetNotPrepared, match="meta.json"):
-        tb.train_torchtune(spec, tmp_path, tmp_path / "out", LocalContext(work_dir=tmp_path))
+        train_torchtune(spec, tmp_path, tmp_path / "out", LocalContext(work_dir=tmp_path))
 
 
-def test_bad_target_modules_fail_before_training(tmp_path, monkeypatch, tiny_model_dir):
-    monkeypatch.setenv("NEWSLORA_TORCHTUNE_PYTHON", sys.executable)
+def test_bad_target_modules_fail_before_training(tmp_path, env_settings, tiny_model_dir):
+    env_settings("NEWSLORA_TORCHTUNE_PYTHON", sys.executable)
     spec = TrainSpec(dataset_id=1, backend="torchtune", model=str(tiny_model_dir),
                      lora=LoraSpec(target_modules=["q_proj", "up_proj"]))
     with pytest.raises(ValueError, match="together"):
-        tb.train_torchtune(spec, write_dataset(tmp_path / "ds", NEWS, val=NEWS[:1]), tmp_path / "out",
+        train_torchtune(spec, write_dataset(tmp_path / "ds", NEWS, val=NEWS[:1]), tmp_path / "out",
                            LocalContext(work_dir=tmp_path))
     assert not (tmp_path / "out" / "torchtune").exists()
 
@@ -264,13 +278,13 @@ def _fake_python(tmp_path: Path, body: str) -> Path:
 
 
 def test_run_recipe_turns_metric_lines_into_progress(tmp_path):
-    lines = "\n".join(f'echo \'{tb.METRIC_PREFIX}{{"step": {s}, "loss": {3.0 - s}, "lr": 0.1, "time": {100 + s}}}\''
+    lines = "\n".join(f'echo \'{entry.METRIC_PREFIX}{{"step": {s}, "loss": {3.0 - s}, "lr": 0.1, "time": {100 + s}}}\''
                       for s in (1, 2, 3))
     python = _fake_python(tmp_path, "echo starting\n" + lines + "\n")
     ctx = LocalContext(work_dir=tmp_path)
     cfg = tmp_path / "c.yaml"
     cfg.write_text("{}")
-    history = tb.run_recipe(python, cfg, ctx, total_steps=3, step_tokens=[10, 20, 30], log_path=tmp_path / "log")
+    history = run_recipe(python, cfg, ctx, total_steps=3, step_tokens=[10, 20, 30], log_path=tmp_path / "log")
     assert [h["loss"] for h in history] == [2.0, 1.0, 0.0]
     assert "tokens_per_s" not in history[0]
     assert history[1]["tokens_per_s"] == pytest.approx(20.0) and history[2]["tokens_per_s"] == pytest.approx(30.0)
@@ -283,8 +297,8 @@ def test_run_recipe_failure_carries_the_log_tail(tmp_path):
     python = _fake_python(tmp_path, "echo 'RuntimeError: size mismatch for tok_embeddings' >&2\nexit 3\n")
     cfg = tmp_path / "c.yaml"
     cfg.write_text("{}")
-    with pytest.raises(tb.TorchtuneRunFailed, match=r"status 3(.|\n)*size mismatch"):
-        tb.run_recipe(python, cfg, LocalContext(work_dir=tmp_path), total_steps=1, step_tokens=[1],
+    with pytest.raises(TorchtuneRunFailed, match=r"status 3(.|\n)*size mismatch"):
+        run_recipe(python, cfg, LocalContext(work_dir=tmp_path), total_steps=1, step_tokens=[1],
                       log_path=tmp_path / "log")
 
 
@@ -295,10 +309,31 @@ def test_cancel_terminates_the_subprocess(tmp_path):
     cfg.write_text("{}")
     ctx = LocalContext(work_dir=tmp_path, cancel_after_checks=4)  # ~1.5 s in
     with pytest.raises(JobCancelled):
-        tb.run_recipe(python, cfg, ctx, total_steps=1, step_tokens=[1], log_path=tmp_path / "log")
+        run_recipe(python, cfg, ctx, total_steps=1, step_tokens=[1], log_path=tmp_path / "log")
     pid = int(pid_file.read_text())
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def test_without_wandb_the_loggers_warn_and_the_warning_becomes_an_event(monkeypatch, capsys, tmp_path):
+    # entry.py without wandb in its environment: a warning line, and the step metrics still on stdout.
+    real_find_spec = entry.importlib.util.find_spec
+    monkeypatch.setattr(entry.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "wandb" else real_find_spec(name, *a))
+    loggers = entry.MetricLoggers(wandb={"project": "newslora", "id": "train-x"})
+    loggers.log_dict({"loss": 2.5, "lr": 0.1}, step=3)
+    warning, metric = capsys.readouterr().out.splitlines()
+    assert warning.startswith(entry.WARNING_PREFIX) and "wandb is not installed" in warning
+    row = json.loads(metric.removeprefix(entry.METRIC_PREFIX))
+    assert (row["step"], row["loss"], row["lr"]) == (3, 2.5, 0.1)
+    # ... which the parent records as a warning event.
+    python = _fake_python(tmp_path, f"echo '{warning}'\necho '{metric}'\n")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("{}")
+    ctx = LocalContext(work_dir=tmp_path)
+    history = run_recipe(python, cfg, ctx, total_steps=3, step_tokens=[1, 1, 1], log_path=tmp_path / "log")
+    assert [h["step"] for h in history] == [3]
+    assert [e["message"] for e in ctx.events if e["level"] == "warning"] == [warning.removeprefix(entry.WARNING_PREFIX)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,7 +367,7 @@ def trained(tiny_tt_model, tmp_path_factory):
                      learning_rate=3e-2, warmup_steps=0, max_seq_len=128, dtype="fp32", seed=3,
                      lora=LoraSpec(rank=4, alpha=8.0, dropout=0.0))
     ctx = LocalContext(work_dir=root)
-    result = tb.train_torchtune(spec, dataset, root / "out", ctx, keep_merged=True)
+    result = train_torchtune(spec, dataset, root / "out", ctx, keep_merged=True)
     return spec, result, ctx, root / "out"
 
 
@@ -342,25 +377,28 @@ def test_recipe_trains_and_loss_falls(trained):
     spec, result, ctx, out = trained
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     step_rows, eval_rows = [r for r in rows if "loss" in r], [r for r in rows if r.get("type") == "eval"]
-    assert result["steps"] == 8 and [r["step"] for r in step_rows] == list(range(1, 9))
+    assert result.steps == 8 and [r["step"] for r in step_rows] == list(range(1, 9))
     losses = [r["loss"] for r in step_rows]
     # The same 4 records every step (dropout 0), so the curve is deterministic: the loss must fall well
     # below its start (about 11.2 for this model; a run that applies no update stays there).
     assert 10.0 < losses[0] < 12.5
     assert losses[-1] < losses[0] - 1.0
-    m = result["metrics"]
-    assert m["train_loss"] == pytest.approx(sum(losses) / 8, abs=1e-4)  # mean of the last (up to) 10 steps
-    assert m["tokens_per_s"] > 0 and m["dtype"] == "fp32" and m["device"] == "cpu"
+    m = result.metrics
+    assert m.train_loss == pytest.approx(sum(losses) / 8, abs=1e-4)  # mean of the last (up to) 10 steps
+    assert m.tokens_per_s > 0 and m.dtype == "fp32" and m.device == "cpu"
     # The adapter, scored on the validation record after training, as the PEFT loop scores it.
-    assert result["history"] == [{k: v for k, v in eval_rows[0].items() if k not in ("type", "format_version")}]
+    assert [h.model_dump(exclude_none=True) for h in result.history] == \
+        [{k: v for k, v in eval_rows[0].items() if k not in ("type", "format_version")}]
     assert len(eval_rows) == 1 and eval_rows[0]["val_items"] == 1
-    assert m["val_loss"] == eval_rows[0]["val_loss"] and 0 < m["val_loss"] < losses[0]
-    assert m["val_accuracy"] in (0.0, 1.0)
-    assert result["resumed_from_step"] is None and result["backend"] == "torchtune"
+    assert m.val_loss == eval_rows[0]["val_loss"] and 0 < m.val_loss < losses[0]
+    assert m.val_accuracy in (0.0, 1.0)
+    assert result.resumed_from_step is None and result.backend == "torchtune"
     assert [e["metrics"]["done"] for e in ctx.events if e["message"] == "train"] == list(range(1, 9))
-    assert m["tokens"] == sum(r["tokens"] for r in step_rows) > 0
-    assert result["label_names"] == LABELS and result["template"] == "alpaca"
-    assert result["instruction"] == INSTRUCTION and result["dataset_hash"] == "fixture-hash"
+    assert m.tokens == sum(r["tokens"] for r in step_rows) > 0
+    assert result.label_names == LABELS and result.template == "alpaca"
+    assert result.instruction == INSTRUCTION and result.dataset_hash == "fixture-hash"
+    assert m.train_loss_first == pytest.approx(losses[0], abs=1e-5) and result.total_steps == 8
+    assert TrainResult.model_validate(result.model_dump(mode="json")) == result  # as the train job stores it
 
 
 @pytest.mark.torchtune
@@ -388,11 +426,12 @@ def test_adapter_loads_with_plain_peft_and_matches_torchtune_merge(trained, tiny
     from transformers import AutoModelForCausalLM
 
     spec, result, _, out = trained
-    adapter = Path(result["adapter_dir"])
+    adapter = Path(result.adapter_dir)
     assert adapter == out / "adapter"
     meta = json.loads((adapter / "newslora.json").read_text())
     assert meta["label_names"] == LABELS and meta["template"] == "alpaca" and meta["dataset_hash"] == "fixture-hash"
-    assert meta["base_model_digest"] == result["base_model_digest"] and meta["spec"]["backend"] == "torchtune"
+    assert meta["base_model_digest"] == result.base_model_digest and meta["spec"]["backend"] == "torchtune"
+    assert meta["backend"] == "torchtune" and meta["torchtune_version"] == "0.6.1" and meta["steps"] == 8
 
     ids = torch.randint(0, 49152, (2, 24), generator=torch.Generator().manual_seed(0))
     base = AutoModelForCausalLM.from_pretrained(tiny_tt_model, dtype=torch.float32).eval()
@@ -425,7 +464,7 @@ sys.path.insert(0, {repo!r})
 from pathlib import Path
 from core.context import LocalContext
 from core.specs.train import TrainSpec
-from workers.train.torchtune_backend import train_torchtune
+from workers.train.torchtune import train_torchtune
 
 class KilledAtFirstCheckpoint(LocalContext):
     def event(self, message, **kw):
@@ -458,8 +497,8 @@ def test_killed_worker_resumes_from_the_last_chunk_and_ends_where_an_unbroken_ru
     spec = TrainSpec(dataset_id=1, model=str(llama2_standin_dir), backend="torchtune", max_steps=12, save_every=2,
                      batch_size=2, learning_rate=1e-2, warmup_steps=1, max_seq_len=256, dtype="fp32", seed=1,
                      wandb=True, lora=LoraSpec(rank=4, alpha=8.0, target_modules=["q_proj", "v_proj"]))
-    straight = tb.train_torchtune(spec.model_copy(update={"wandb": False}), dataset, tmp_path / "straight",
-                                  LocalContext(work_dir=tmp_path))
+    straight = train_torchtune(spec.model_copy(update={"wandb": False}), dataset, tmp_path / "straight",
+                               LocalContext(work_dir=tmp_path))
 
     # The worker is SIGKILLed once the first chunk's checkpoint is written; the recipe subprocess, in a
     # session of its own, then exits by itself.
@@ -469,17 +508,17 @@ def test_killed_worker_resumes_from_the_last_chunk_and_ends_where_an_unbroken_ru
                               start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, err = worker.communicate(timeout=300)
     assert worker.returncode == -signal.SIGKILL, err.decode()[-3000:]
-    assert any((out / "torchtune" / tb.SNAPSHOTS).glob("epoch_*"))
-    recipe_pid = int((out / "torchtune" / tb.PID_FILE).read_text())
+    assert any((out / "torchtune" / SNAPSHOTS).glob("epoch_*"))
+    recipe_pid = int((out / "torchtune" / PID_FILE).read_text())
     deadline = time.monotonic() + 10
-    while tb._is_recipe_process(recipe_pid):
+    while is_recipe_process(recipe_pid):
         assert time.monotonic() < deadline, "the orphaned recipe subprocess kept running"
         time.sleep(0.1)
     assert not (out / "adapter").exists()
 
     ctx = LocalContext(work_dir=tmp_path)
-    resumed = tb.train_torchtune(spec, dataset, out, ctx)
-    start = resumed["resumed_from_step"]
+    resumed = train_torchtune(spec, dataset, out, ctx)
+    start = resumed.resumed_from_step
     assert start in (2, 4, 6, 8, 10), start  # a chunk's end: a kill loses at most save_every steps
     assert any(e["message"].startswith(f"train: resumed from step {start} of 12") for e in ctx.events)
     assert [e["metrics"]["done"] for e in ctx.events if e["message"] == "train"] == list(range(start + 1, 13))
@@ -491,18 +530,18 @@ def test_killed_worker_resumes_from_the_last_chunk_and_ends_where_an_unbroken_ru
     assert [r["step"] for r in steps] == list(range(1, 13))
     assert [r["loss"] for r in steps] == pytest.approx([r["loss"] for r in straight_steps], rel=1e-4)
     assert [r["lr"] for r in steps] == pytest.approx([r["lr"] for r in straight_steps], rel=1e-6)
-    a, b = _adapter_tensors(straight["adapter_dir"]), _adapter_tensors(resumed["adapter_dir"])
+    a, b = _adapter_tensors(straight.adapter_dir), _adapter_tensors(resumed.adapter_dir)
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
     assert any(float(v.abs().max()) > 0 for k, v in b.items() if "lora_B" in k)  # it did train
-    assert resumed["metrics"]["val_loss"] == pytest.approx(straight["metrics"]["val_loss"], rel=1e-4)
+    assert resumed.metrics.val_loss == pytest.approx(straight.metrics.val_loss, rel=1e-4)
 
-    # W&B through torchtune's WandBLogger, offline, the run named as the PEFT loop names it, both
-    # sessions in one run; or, without wandb in the torchtune environment, a warning and nothing else.
-    import subprocess as sp
-    has_wandb = sp.run([str(_ENV_PYTHON), "-c", "import wandb"], capture_output=True).returncode == 0
-    run_id = tb.wandb_logger_args(spec, out)["id"]
-    if has_wandb:
-        runs = sorted((out / "wandb").glob(f"offline-run-*-{run_id}"))
-        assert runs, sorted(p.name for p in (out / "wandb").iterdir())
-    else:
-        assert any(e["level"] == "warning" and "wandb is not installed" in e["message"] for e in ctx.events)
+    # W&B through torchtune's WandBLogger (scripts/setup_torchtune_env.sh installs wandb), offline, the run
+    # named as the PEFT loop names it: the killed session and the resumed one each wrote an offline run of
+    # that id, the resumed one with the recipe's step metrics in it.
+    run_id = recipe.wandb_logger_args(spec, out)["id"]
+    assert not any("wandb is not installed" in e["message"] for e in ctx.events), \
+        "no wandb in the torchtune environment: run `bash scripts/setup_torchtune_env.sh`"
+    runs = sorted((out / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(runs) == 2, sorted(p.name for p in (out / "wandb").iterdir()) if (out / "wandb").is_dir() else out
+    records = [(run / f"run-{run_id}.wandb").read_bytes() for run in runs]
+    assert all(b"tokens_per_second_per_gpu" in r for r in records[1:]), "the resumed session logged no steps"

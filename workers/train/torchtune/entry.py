@@ -1,10 +1,10 @@
 """Runs INSIDE the isolated torchtune environment (`.venv-torchtune`), never in the main venv.
 
-    .venv-torchtune/bin/python workers/train/torchtune_entry.py --config run/torchtune.yaml --parent-pid 1234
+    .venv-torchtune/bin/python workers/train/torchtune/entry.py --config run/torchtune.yaml --parent-pid 1234
 
 It runs torchtune's own `lora_finetune_single_device` recipe file, unchanged, with a config written by
-`workers/train/torchtune_backend.py`. That config names small components from this file (imported by
-torchtune as `torchtune_entry.<name>`, since this file's folder is on `sys.path`):
+`workers/train/torchtune/recipe.py`. That config names small components from this file (imported by
+torchtune as `entry.<name>`, a top-level module, since this file's folder is on `sys.path`):
 
 - `token_dataset`: the training records, already tokenised by the parent with the HF tokenizer, in
   the exact order of training;
@@ -25,7 +25,8 @@ a re-delivered job never finds an orphan still writing into its folder.
 
 This file imports only the standard library, PyYAML, torch and torchtune (and wandb through torchtune,
 when asked): the project's own modules are not installed in this environment, so the snapshot's
-write-aside-and-rename is done here rather than with core.atomic.
+write-aside-and-rename is done here rather than with core.atomic. The main venv imports it too (for the
+line prefixes and its path), so torch and torchtune are imported inside the functions that run here.
 """
 from __future__ import annotations
 
@@ -43,9 +44,12 @@ from typing import Any, Iterator, Mapping
 
 import yaml
 
-METRIC_PREFIX = "NEWSLORA_METRIC "
-CHECKPOINT_PREFIX = "NEWSLORA_CHECKPOINT "
-WARNING_PREFIX = "NEWSLORA_WARNING "
+ENTRY = Path(__file__).resolve()
+COMPONENTS = ENTRY.stem  # the module name torchtune imports this file's components by (the recipe's config)
+# Lines printed for the parent process (workers/train/torchtune/process.py) to read:
+METRIC_PREFIX = "NEWSLORA_METRIC "  # one optimizer step's metrics
+CHECKPOINT_PREFIX = "NEWSLORA_CHECKPOINT "  # a chunk's checkpoint is written
+WARNING_PREFIX = "NEWSLORA_WARNING "  # becomes a warning event
 RECIPE = "lora_finetune_single_device"
 RECIPE_STATE = "recipe_state.pt"
 ADAPTER_PT = "adapter_model.pt"  # torchtune's own adapter format, what its resume reads
@@ -170,9 +174,9 @@ class MetricLoggers:
             return
         if importlib.util.find_spec("wandb") is None:
             print(WARNING_PREFIX + "wandb is not installed in the torchtune environment: metrics go to "
-                  "metrics.jsonl only (.venv-torchtune/bin/pip install wandb)", flush=True)
+                  "metrics.jsonl only (`bash scripts/setup_torchtune_env.sh` installs it)", flush=True)
             return
-        from torchtune.training.metric_logging import WandBLogger
+        from torchtune.training.metric_logging import WandBLogger  # lazy: torchtune is in the torchtune venv only
         self._loggers.append(WandBLogger(**_plain(wandb)))
 
     def log(self, name: str, data: Any, step: int) -> None:
@@ -195,7 +199,7 @@ class MetricLoggers:
 def _plain(value: Any) -> Any:
     """An OmegaConf node (what torchtune's instantiate passes) as plain dicts and lists."""
     try:
-        from omegaconf import OmegaConf
+        from omegaconf import OmegaConf  # lazy: torchtune's dependency, in the torchtune venv only
     except ImportError:
         return dict(value)
     return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else dict(value)
@@ -212,7 +216,7 @@ def cosine_schedule_with_warmup(optimizer: Any, num_warmup_steps: int, total_ste
     The recipe passes num_training_steps = epochs x steps per epoch, which overshoots when the last
     chunk is shorter than the others; the run's real step count is used instead.
     """
-    from torchtune.training.lr_schedulers import get_cosine_schedule_with_warmup
+    from torchtune.training.lr_schedulers import get_cosine_schedule_with_warmup  # lazy: torchtune venv only
     del num_training_steps
     return get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=num_warmup_steps,
                                            num_training_steps=total_steps, last_epoch=last_epoch)
@@ -226,7 +230,7 @@ def snapshot_checkpointer(*, snapshot_dir: str, steps_per_chunk: int, **kwargs: 
     torchtune-format adapter and the recipe state are copied to `snapshot_dir/epoch_N` (written aside
     and renamed into place; older snapshots removed), and a `NEWSLORA_CHECKPOINT` line tells the parent.
     """
-    from torchtune.training import FullModelHFCheckpointer
+    from torchtune.training import FullModelHFCheckpointer  # lazy: torchtune venv only
 
     class SnapshotCheckpointer(FullModelHFCheckpointer):
         def save_checkpoint(self, state_dict: dict[str, Any], epoch: int, intermediate_checkpoint: bool = False,
@@ -287,14 +291,14 @@ def exit_with_parent(parent_pid: int, poll_s: float = PARENT_POLL_S) -> threadin
 
 def use_chunk_sampler(chunk_samples: int) -> None:
     """Put ChunkSampler where the recipe imports its sampler from (before the recipe is run)."""
-    import torchdata.stateful_dataloader.sampler as samplers
+    import torchdata.stateful_dataloader.sampler as samplers  # lazy: torchtune venv only
     ChunkSampler.chunk_samples = chunk_samples
     samplers.StatefulDistributedSampler = ChunkSampler
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="the YAML written by torchtune_backend.py")
+    parser.add_argument("--config", required=True, help="the YAML written by recipe.recipe_config")
     parser.add_argument("--parent-pid", type=int, default=None, help="exit when this process is gone")
     args = parser.parse_args(argv)
     if args.parent_pid is not None:
