@@ -7,7 +7,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 DATA   ?= ../shared/data/ag_news
 
-.PHONY: install install-torchtune test-tools demo test services bench clean
+.PHONY: install install-torchtune install-llamacpp test-tools demo test services bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,11 +46,15 @@ demo: install
 services:
 	bash scripts/start_services.sh
 
+# llama.cpp (llama-cpp-python, compiled once per machine and cached): GGUF exports are checked in it.
+install-llamacpp: install
+	bash scripts/install_llamacpp.sh $(PY)
+
 # chromium for the dashboard's browser tests, docker-compose to validate docker-compose.yml (apt-get).
 test-tools:
 	bash scripts/install_test_tools.sh
 
-test: install install-torchtune test-tools services
+test: install install-torchtune install-llamacpp test-tools services
 	$(PY) -m pytest -ra
 
 bench: install

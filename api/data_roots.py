@@ -1,6 +1,10 @@
-"""The one policy over the local paths a submitted job would read: they must lie under the allowed data folders.
+"""The roots a caller's job may read, and the check of a submitted spec's paths against them (core/paths.py).
 
-Each spec says which paths it reads (`Spec.paths()` in core/specs); the API applies this policy to that list.
+Each spec says which paths it reads (`Spec.paths()` in core/specs); `refuse_disallowed_paths` applies the one
+path policy (`core.paths.PathPolicy`) to that list: data under NEWSLORA_DATA_ROOTS and the home, models under
+NEWSLORA_MODEL_ROOTS, the home and the model presets' own folders. Single-user mode (loopback, no token)
+with no roots configured may name any local path: it is the user's own machine. Hub ids are checked as hub
+ids in every mode.
 """
 from __future__ import annotations
 
@@ -8,29 +12,34 @@ from pathlib import Path
 
 from fastapi import HTTPException
 
-from api.deps import is_loopback
+from api.deps import Caller
+from core.paths import PathPolicy, PathRefused
 from core.settings import get_settings
 from core.specs import Spec
+from workers.modeling.registry import model_presets
 
 
-def path_allowed(path: str) -> bool:
-    """Whether `path` (after `~` and symlinks) lies under NEWSLORA_HOME or one of NEWSLORA_DATA_ROOTS.
-
-    Without data roots, on loopback, every path is allowed: a local user may read any file they can.
-    """
+def preset_folders() -> list[Path]:
+    """The local folders the model presets load from (a preset's `local_dir`, or $NEWSLORA_<PRESET>_DIR)."""
     s = get_settings()
-    if not s.data_roots and is_loopback(s.api_host):
-        return True
-    roots = [s.home, *s.data_roots]
+    out = []
+    for p in model_presets().values():
+        d = s.preset_dir(p.name) or (Path(p.local_dir).expanduser() if p.local_dir else None)
+        if d is not None:
+            out.append(d)
+    return out
+
+
+def path_policy(caller: Caller) -> PathPolicy:
+    """The policy for `caller`: roots from the settings; open access only in single-user mode without roots."""
+    s = get_settings()
+    return PathPolicy(data_roots=(s.home, *s.data_roots), model_roots=(s.home, *s.model_roots, *preset_folders()),
+                      open_access=caller.single_user and not s.data_roots and not s.model_roots)
+
+
+def refuse_disallowed_paths(spec: Spec, caller: Caller) -> None:
+    """Raises HTTPException 403 naming the first path field of `spec` the policy refuses (and the rule)."""
     try:
-        p = Path(path).expanduser().resolve()
-    except (OSError, RuntimeError, ValueError):  # ValueError: a NUL byte in the path
-        return False
-    return any(p == r.resolve() or r.resolve() in p.parents for r in roots)
-
-
-def refuse_paths_outside_data_roots(spec: Spec) -> None:
-    """Raises HTTPException 403 naming the first path of `spec` outside the allowed data folders."""
-    for p in spec.paths():
-        if not path_allowed(p.value):
-            raise HTTPException(403, f"path {p.value!r} is outside the allowed data folders (NEWSLORA_DATA_ROOTS)")
+        path_policy(caller).check_all(spec.paths())
+    except PathRefused as e:
+        raise HTTPException(403, str(e)) from None

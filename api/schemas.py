@@ -30,7 +30,7 @@ Offset = Annotated[int, Query(ge=0, le=MAX_OFFSET, description="How many rows to
 def _known_kind(kind: Any) -> Any:
     """Refuse an unknown kind with the list of known ones (the enum's own message lists them less plainly)."""
     if isinstance(kind, str) and kind not in get_args(JobKind):
-        raise ValueError(f"unknown job kind {kind!r}: use one of {', '.join(get_args(JobKind))}")
+        raise ValueError(f"unknown job kind: use one of {', '.join(get_args(JobKind))}")
     return kind
 
 
@@ -92,8 +92,10 @@ class ValidationErrorOut(BaseModel):
 ERROR_MEANINGS: dict[int, str] = {
     400: "The body is not JSON (or not UTF-8).",
     401: "Missing or wrong `Authorization: Bearer` token (required when the API listens beyond loopback).",
-    403: "A dataset, input or model path lies outside the allowed data folders (NEWSLORA_DATA_ROOTS).",
-    404: "No row with that id.",
+    403: "Not allowed: a path outside the allowed folders (NEWSLORA_DATA_ROOTS, NEWSLORA_MODEL_ROOTS), a judge "
+         "endpoint or key variable outside its allow-list, an admin-only route, a cross-site request or a "
+         "Host not in NEWSLORA_ALLOWED_HOSTS.",
+    404: "No row with that id (or not the caller's own).",
     409: "The request conflicts with the row's state (or with an earlier use of the idempotency key).",
     413: "The request body is over NEWSLORA_MAX_BODY_BYTES.",
     422: "A parameter or field is invalid: one entry per problem, naming where and what.",
@@ -110,13 +112,13 @@ def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
 ROW_ERRORS = errors(404, 422, 503)  # a route that reads one row by its id
 
 
-class JobOut(BaseModel):
+class JobSummary(BaseModel):
+    """A job as `GET /jobs` lists it: everything but its spec."""
     model_config = ConfigDict(from_attributes=True)
     id: int
     kind: JobKind
     queue: str
     status: JobStatus
-    spec: dict[str, Any]
     result: dict[str, Any] | None
     progress: float
     progress_info: dict[str, Any] | None
@@ -132,8 +134,20 @@ class JobOut(BaseModel):
     children: list[int] = Field(default_factory=list)
 
 
+class JobOut(JobSummary):
+    """A job whole: its summary and the resolved spec it runs with."""
+    spec: dict[str, Any]
+
+
 class JobList(BaseModel):
     items: list[JobOut]
+    total: int
+    limit: int
+    offset: int
+
+
+class JobSummaryList(BaseModel):
+    items: list[JobSummary]
     total: int
     limit: int
     offset: int

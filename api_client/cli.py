@@ -279,7 +279,11 @@ def cmd_prep(args) -> int:
     if args.skip_bad_rows:
         spec["on_bad_rows"] = "skip"
     apply_overrides(spec, args.overrides, _spec_model("prep"))
-    return _submit_and_follow(_client(args), "prep", spec, args)
+    client = _client(args)
+    for split in ("train", "test"):
+        if spec.get(split) and client.is_remote:
+            spec[split] = _uploaded(spec[split], client)
+    return _submit_and_follow(client, "prep", spec, args)
 
 
 def _source(path: str) -> dict[str, Any]:
@@ -287,6 +291,19 @@ def _source(path: str) -> dict[str, Any]:
     if p.exists():
         return {"path": str(p.resolve())}
     return {"path": path, "format": "hub"}
+
+
+def _uploaded(source: dict[str, Any], client: Client) -> dict[str, Any]:
+    """A prep source for an API on another machine: its local file (and its classes file, or the AG News
+    classes.txt beside it) uploaded, and named by file id."""
+    p = Path(source["path"])
+    if source.get("format") == "hub" or not p.is_file():
+        return source
+    out = {**source, "path": client.upload(p)["id"]}
+    classes = Path(source["classes_file"]).expanduser() if source.get("classes_file") else p.with_name("classes.txt")
+    if classes.is_file():
+        out["classes_file"] = client.upload(classes)["id"]
+    return out
 
 
 def cmd_train(args) -> int:
@@ -309,6 +326,8 @@ def cmd_classify(args) -> int:
         raise SystemExit("newslora classify: give a file (JSONL or CSV) or --text '...'")
     apply_overrides(spec, args.overrides, _spec_model("classify"))
     client = _client(args)
+    if spec.get("input_file") and client.is_remote and Path(spec["input_file"]).is_file():
+        spec["input_file"] = client.upload(spec["input_file"])["id"]
     rc = _submit_and_follow(client, "classify", spec, args) if args.text is None else None
     if args.text is not None:
         job = client.submit("classify", spec)
@@ -370,6 +389,27 @@ def cmd_exports(args) -> int:
                               "adapter_accuracy": v.get("adapter_accuracy")}, default=str))
         return 0
     print(client.download_export(args.id, args.out, extract=not args.archive))
+    return 0
+
+
+def cmd_tokens(args) -> int:
+    """Admin: `tokens create NAME [--admin]` (the token is printed once, to stdout only), `list`, `revoke`."""
+    client = _client(args)
+    if args.action == "list":
+        for t in client.tokens():
+            state = f"revoked {t['revoked_at'][:19]}" if t.get("revoked_at") else "live"
+            print(f"{t['id']:>4}  {t['user']:<20} {t['role']:<7} {t['prefix']}...  {t['created_at'][:19]}  {state}")
+        return 0
+    if not args.name:
+        raise SystemExit(f"newslora tokens {args.action}: give a user name" +
+                         (" or a token id" if args.action == "revoke" else ""))
+    if args.action == "create":
+        t = client.create_token(args.name, admin=args.admin)
+        print(f"token for {t['user']} ({t['role']}), shown this once:", file=sys.stderr)
+        print(t["token"])
+        return 0
+    n = client.revoke_token(args.name)["revoked"]
+    print(f"revoked {n} token(s)")
     return 0
 
 
@@ -522,6 +562,12 @@ def build_parser() -> argparse.ArgumentParser:
     exs.add_argument("--out", default=".", help="download: folder to write into")
     exs.add_argument("--archive", action="store_true", help="download: keep the tar.gz, do not unpack it")
     exs.set_defaults(func=cmd_exports)
+
+    tk = sub.add_parser("tokens", help="API tokens (admin): create NAME [--admin] | list | revoke NAME_OR_ID")
+    tk.add_argument("action", choices=["create", "list", "revoke"])
+    tk.add_argument("name", nargs="?", help="create: the user; revoke: a user (all their tokens) or a token id")
+    tk.add_argument("--admin", action="store_true", help="create: the new user is an admin")
+    tk.set_defaults(func=cmd_tokens)
 
     for what in ("datasets", "models"):
         sp = sub.add_parser(what, help=f"list {what}")

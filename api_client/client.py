@@ -8,6 +8,8 @@ from typing import Any, Callable, Iterator
 import httpx
 
 TERMINAL = ("succeeded", "failed", "cancelled")
+# Hosts that name this machine's API as the CLI's own (the embedded one, or one started beside it).
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
 class ApiError(RuntimeError):
@@ -62,6 +64,37 @@ class Client:
 
     def health(self) -> dict[str, Any]:
         return self._request("GET", "/health")
+
+    @property
+    def is_remote(self) -> bool:
+        """Whether the API is at another address than this machine's usual loopback one, so it cannot read
+        this machine's files: local files are then uploaded (`upload`) and named by their file id."""
+        host = (httpx.URL(self.base_url).host or "").lower()
+        return host not in LOCAL_HOSTS
+
+    # ------------------------------------------------------------ files
+    def upload(self, path: str | Path, *, purpose: str = "data") -> dict[str, Any]:
+        """Upload a local file (streamed): answers its row, whose `id` a spec's data field may name."""
+        p = Path(path).expanduser()
+        with p.open("rb") as f:
+            return self._request("POST", "/files", files={"file": (p.name, f)}, data={"purpose": purpose},
+                                 timeout=None)
+
+    def files(self, *, limit: int = 50) -> dict[str, Any]:
+        return self._request("GET", "/files", params={"limit": limit})
+
+    def delete_file(self, file_id: str) -> dict[str, Any]:
+        return self._request("DELETE", f"/files/{file_id}")
+
+    # ------------------------------------------------------------ tokens (admin)
+    def create_token(self, name: str, *, admin: bool = False) -> dict[str, Any]:
+        return self._request("POST", "/tokens", json={"name": name, "role": "admin" if admin else "member"})
+
+    def tokens(self) -> list[dict[str, Any]]:
+        return self._request("GET", "/tokens")
+
+    def revoke_token(self, name_or_id: str) -> dict[str, Any]:
+        return self._request("POST", f"/tokens/{name_or_id}/revoke")
 
     # ------------------------------------------------------------ jobs
     def submit(self, kind: str, spec: dict[str, Any] | None = None, *, idempotency_key: str | None = None,

@@ -1,1 +1,1 @@
-"""The Celery app, its routing table, and the service settings every process reads."""
+"""The Celery app and its routing table (the service settings every process reads are in core/settings.py)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,5 +96,26 @@ async def store_stream(file_id: str, chunks: AsyncIterator[bytes], *, max_bytes:
         raise
 
 
+def named_path(file_id: str, filename: str) -> Path:
+    """The file's bytes under its uploaded name (`files/named/<id>/<name>`, a hard link made on first use),
+    so that a reader tells its format by the extension and names it in messages as its owner knows it."""
+    name = Path(filename.replace("\\", "/")).name.lstrip(".") or "upload"
+    target = files_dir() / "named" / file_id / name
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(file_path(file_id), target)
+        except FileExistsError:  # made by a concurrent submission
+            pass
+        except OSError:  # a file system without hard links
+            shutil.copyfile(file_path(file_id), target)
+    return target
+
+
 def remove(file_id: str) -> None:
     file_path(file_id).unlink(missing_ok=True)
+    named = files_dir() / "named" / file_id
+    if named.is_dir():
+        for f in named.iterdir():
+            f.unlink(missing_ok=True)
+        named.rmdir()

@@ -90,8 +90,8 @@ class PathPolicy:
         roots = self.data_roots if p.kind == "data" else self.model_roots
         if not under(real, roots):
             env = "NEWSLORA_DATA_ROOTS" if p.kind == "data" else "NEWSLORA_MODEL_ROOTS"
-            raise PathRefused(p.field, f"only paths under the server's allowed {p.kind} folders ({env}) may be "
-                                       f"named; upload the file (POST /files) instead")
+            raise PathRefused(p.field, f"the path is outside the allowed {p.kind} folders ({env} and the "
+                                       f"server's home); upload the file (POST /files) and name its file id instead")
 
     def check_all(self, paths: Iterable[SpecPath]) -> None:
         for p in paths:

@@ -81,6 +81,9 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(default=512 * 1024 * 1024, ge=1, alias="NEWSLORA_MAX_UPLOAD_BYTES")
     # Items a classify job may carry in its body; a larger batch is an uploaded file (sharded as usual).
     max_inline_items: int = Field(default=10_000, ge=1, alias="NEWSLORA_MAX_INLINE_ITEMS")
+    # How long POST /v1/chat/completions and /v1/completions wait for their worker before answering 429
+    # (`x-should-retry: false`: send more than a few texts as a batch, POST /v1/batches).
+    openai_sync_timeout_s: float = Field(default=60.0, gt=0, alias="NEWSLORA_OPENAI_SYNC_TIMEOUT_S")
     # NEWSLORA_<PRESET>_DIR (the preset's name upper-cased, '-' as '_'), e.g. NEWSLORA_LLAMA2_7B_DIR: a local
     # checkpoint folder that the model preset loads from instead of its own source (`preset_dir`).
     _preset_dirs: dict[str, Path] = PrivateAttr(default_factory=lambda: _preset_dirs_from_environ())

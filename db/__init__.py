@@ -1,1 +1,1 @@
-"""The store: tables (models.py), engine and sessions (session.py), queries (jobs.py, artifacts.py)."""
+"""The store: tables (models.py), engine and sessions (session.py), queries (jobs.py, results.py, auth.py, files.py)."""

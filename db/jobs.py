@@ -19,9 +19,13 @@ class JobStateConflict(RuntimeError):
 
 
 def create_job(*, session: Session, kind: str, queue: str, spec: dict[str, Any], parent_id: int | None = None,
-               idempotency_key: str | None = None, code_version: str | None = None) -> Job:
+               idempotency_key: str | None = None, code_version: str | None = None,
+               owner_id: int | None = None) -> Job:
+    """A queued job (and its first event). A child job (parent_id) belongs to its parent's owner."""
+    if parent_id is not None and owner_id is None:
+        owner_id = session.scalar(select(Job.owner_id).where(Job.id == parent_id))
     job = Job(kind=kind, queue=queue, spec=spec, status="queued", parent_id=parent_id,
-              idempotency_key=idempotency_key, code_version=code_version)
+              idempotency_key=idempotency_key, code_version=code_version, owner_id=owner_id)
     session.add(job)
     session.flush()
     session.add(JobEvent(job_id=job.id, level="info", message="queued", metrics={"queue": queue}))
@@ -40,8 +44,12 @@ def find_by_idempotency_key(key: str, *, session: Session) -> Job | None:
 
 
 def list_jobs(*, session: Session, kind: str | None = None, status: str | None = None,
-              parent_id: int | None = None, limit: int = 50, offset: int = 0) -> tuple[Sequence[Job], int]:
+              parent_id: int | None = None, limit: int = 50, offset: int = 0,
+              owner_id: int | None = None) -> tuple[Sequence[Job], int]:
+    """A page of jobs, newest first, and the total; `owner_id` keeps one owner's jobs only."""
     q = select(Job)
+    if owner_id is not None:
+        q = q.where(Job.owner_id == owner_id)
     if kind:
         q = q.where(Job.kind == kind)
     if status:

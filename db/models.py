@@ -206,4 +206,65 @@ class Evaluation(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
 
+BATCH_STATUSES = ("validating", "failed", "in_progress", "finalizing", "completed", "expired", "cancelling",
+                  "cancelled")
+
+
+class Batch(Base):
+    """An OpenAI batch (`/v1/batches`): a view of one classify job over a JSONL of requests.
+
+    The status while the job runs is computed from the job; once it ends, the output and error files are
+    built once and the final status stored here.
+    """
+
+    __tablename__ = "batches"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)  # "batch_<hex>"
+    owner_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"), nullable=True,
+                                                 index=True)
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"), nullable=True)
+    endpoint: Mapped[str] = mapped_column(String(64))
+    completion_window: Mapped[str] = mapped_column(String(16), default="24h")
+    model: Mapped[str | None] = mapped_column(String(500), nullable=True)
+    input_file_id: Mapped[str] = mapped_column(String(40))
+    items_file_id: Mapped[str | None] = mapped_column(String(60), nullable=True)  # the job's requests (internal)
+    output_file_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    error_file_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    status: Mapped[str] = mapped_column(String(16), default="validating")  # final once the job has ended
+    batch_metadata: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    errors: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)  # batch-level: [{code, message, ...}]
+    line_errors: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)  # invalid lines, for the error file
+    total: Mapped[int] = mapped_column(Integer, default=0)
+    completed: Mapped[int] = mapped_column(Integer, default=0)
+    failed: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    in_progress_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    finalizing_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    completed_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    failed_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    cancelling_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    cancelled_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class FineTuningJob(Base):
+    """An OpenAI fine-tuning job (`/v1/fine_tuning/jobs`): the request's fields, a view of one pipeline job
+    (prep -> train) whose state gives the status, events and checkpoints."""
+
+    __tablename__ = "fine_tuning_jobs"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)  # "ftjob-<hex>"
+    owner_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"), nullable=True,
+                                                 index=True)
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"), nullable=True)
+    model: Mapped[str] = mapped_column(String(500))
+    training_file: Mapped[str] = mapped_column(String(40))
+    validation_file: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    suffix: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    seed: Mapped[int] = mapped_column(BigInteger, default=0)
+    hyperparameters: Mapped[dict[str, Any]] = mapped_column(JSON)  # resolved: n_epochs, batch_size, lr multiplier
+    method: Mapped[dict[str, Any]] = mapped_column(JSON)
+    job_metadata: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
+
+
 Index("ix_jobs_kind_status", Job.kind, Job.status)

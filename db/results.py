@@ -111,12 +111,27 @@ def dataset_by_spec_hash(spec_hash: str, *, session: Session) -> Dataset | None:
     return session.scalar(select(Dataset).where(Dataset.spec_hash == spec_hash).order_by(Dataset.id.desc()))
 
 
-def get_dataset(dataset_id: int, *, session: Session) -> Dataset | None:
-    return session.get(Dataset, dataset_id)
+def owned_by(q, table, owner_id: int | None):
+    """`q` narrowed to rows whose producing job (`table.job_id`) belongs to `owner_id` (None: no narrowing).
+    A row no job produced (registered by hand) belongs to nobody: only an admin sees it."""
+    if owner_id is None:
+        return q
+    return q.where(table.job_id.in_(select(Job.id).where(Job.owner_id == owner_id)))
 
 
-def list_datasets(*, session: Session, limit: int = 50, offset: int = 0) -> Sequence[Dataset]:
-    return session.scalars(select(Dataset).order_by(Dataset.id.desc()).limit(limit).offset(offset)).all()
+def owner_of_job(job_id: int | None, *, session: Session) -> int | None:
+    return None if job_id is None else session.scalar(select(Job.owner_id).where(Job.id == job_id))
+
+
+def get_dataset(dataset_id: int, *, session: Session, owner_id: int | None = None) -> Dataset | None:
+    """The dataset, or None when missing or (with `owner_id`) made by someone else's job."""
+    return session.scalar(owned_by(select(Dataset).where(Dataset.id == dataset_id), Dataset, owner_id))
+
+
+def list_datasets(*, session: Session, limit: int = 50, offset: int = 0,
+                  owner_id: int | None = None) -> Sequence[Dataset]:
+    q = owned_by(select(Dataset), Dataset, owner_id)
+    return session.scalars(q.order_by(Dataset.id.desc()).limit(limit).offset(offset)).all()
 
 
 def add_model_artifact(*, session: Session, **fields: Any) -> ModelArtifact:
@@ -135,19 +150,23 @@ def artifact_by_spec_hash(spec_hash: str, *, session: Session) -> ModelArtifact 
                           .order_by(ModelArtifact.id.desc()))
 
 
-def get_artifact(artifact_id: int, *, session: Session) -> ModelArtifact | None:
-    return session.get(ModelArtifact, artifact_id)
+def get_artifact(artifact_id: int, *, session: Session, owner_id: int | None = None) -> ModelArtifact | None:
+    """The artifact, or None when missing or (with `owner_id`) made by someone else's job."""
+    return session.scalar(owned_by(select(ModelArtifact).where(ModelArtifact.id == artifact_id), ModelArtifact,
+                                   owner_id))
 
 
-def exports_of(adapter_id: int, *, session: Session) -> Sequence[ModelArtifact]:
+def exports_of(adapter_id: int, *, session: Session, owner_id: int | None = None) -> Sequence[ModelArtifact]:
     """The export artifacts made from an adapter (kind 'export', `source_adapter_id` the adapter's), newest first."""
-    return session.scalars(select(ModelArtifact).where(ModelArtifact.kind == "export",
-                                                       ModelArtifact.source_adapter_id == adapter_id)
-                           .order_by(ModelArtifact.id.desc())).all()
+    q = owned_by(select(ModelArtifact).where(ModelArtifact.kind == "export",
+                                             ModelArtifact.source_adapter_id == adapter_id), ModelArtifact, owner_id)
+    return session.scalars(q.order_by(ModelArtifact.id.desc())).all()
 
 
-def list_artifacts(*, session: Session, limit: int = 50, offset: int = 0) -> Sequence[ModelArtifact]:
-    return session.scalars(select(ModelArtifact).order_by(ModelArtifact.id.desc()).limit(limit).offset(offset)).all()
+def list_artifacts(*, session: Session, limit: int = 50, offset: int = 0,
+                   owner_id: int | None = None) -> Sequence[ModelArtifact]:
+    q = owned_by(select(ModelArtifact), ModelArtifact, owner_id)
+    return session.scalars(q.order_by(ModelArtifact.id.desc()).limit(limit).offset(offset)).all()
 
 
 def add_evaluation(*, session: Session, job_id: int | None, name: str, spec: dict[str, Any],
@@ -162,11 +181,14 @@ def evaluation_by_job(job_id: int, *, session: Session) -> Evaluation | None:
     return session.scalar(select(Evaluation).where(Evaluation.job_id == job_id))
 
 
-def get_evaluation(eval_id: int, *, session: Session) -> Evaluation | None:
-    return session.get(Evaluation, eval_id)
+def get_evaluation(eval_id: int, *, session: Session, owner_id: int | None = None) -> Evaluation | None:
+    """The evaluation, or None when missing or (with `owner_id`) made by someone else's job."""
+    return session.scalar(owned_by(select(Evaluation).where(Evaluation.id == eval_id), Evaluation, owner_id))
 
 
-def list_evaluations(*, session: Session, limit: int = 50, offset: int = 0) -> tuple[Sequence[Evaluation], int]:
-    total = session.scalar(select(func.count()).select_from(Evaluation)) or 0
-    rows = session.scalars(select(Evaluation).order_by(Evaluation.id.desc()).limit(limit).offset(offset)).all()
+def list_evaluations(*, session: Session, limit: int = 50, offset: int = 0,
+                     owner_id: int | None = None) -> tuple[Sequence[Evaluation], int]:
+    q = owned_by(select(Evaluation), Evaluation, owner_id)
+    total = session.scalar(select(func.count()).select_from(q.subquery())) or 0
+    rows = session.scalars(q.order_by(Evaluation.id.desc()).limit(limit).offset(offset)).all()
     return rows, total

@@ -12,6 +12,16 @@ AG_NEWS_DIR = Path(os.environ.get("NEWSLORA_SHARED_DATA", REPO.parent / "shared"
 MODEL_CACHE = Path(os.environ.get("NEWSLORA_TEST_MODEL_CACHE", Path.home() / ".cache" / "newslora-test"))
 
 
+# The test client's requests say `Host: testserver`: the API answers only the hosts in NEWSLORA_ALLOWED_HOSTS.
+TEST_ALLOWED_HOSTS = '["127.0.0.1", "localhost", "::1", "[::1]", "testserver"]'
+
+
+@pytest.fixture(autouse=True)
+def _test_client_host(monkeypatch):
+    if "NEWSLORA_ALLOWED_HOSTS" not in os.environ:
+        monkeypatch.setenv("NEWSLORA_ALLOWED_HOSTS", TEST_ALLOWED_HOSTS)
+
+
 @pytest.fixture(scope="session")
 def ag_news_dir() -> Path:
     if not (AG_NEWS_DIR / "test.csv").exists():
@@ -155,9 +165,11 @@ class Stack:
         import time
         import httpx
         deadline = time.monotonic() + timeout
+        token = self.env.get("NEWSLORA_API_TOKEN")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}  # /health needs it where one is set
         while time.monotonic() < deadline:
             try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                if httpx.get(self.url + "/health", headers=headers, timeout=2).status_code == 200:
                     return
             except httpx.TransportError:
                 pass

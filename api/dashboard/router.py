@@ -21,7 +21,7 @@ from fastapi.templating import Jinja2Templates
 from sqlalchemy.orm import Session
 
 from api.dashboard import views
-from api.deps import CallerDep, SessionDep
+from api.deps import Caller, CallerDep, SessionDep
 from api.routers.jobs import job_or_404
 from api.schemas import MAX_ID
 from db import jobs as jobq
@@ -94,31 +94,33 @@ def static_file(name: str) -> FileResponse:
 
 # ---------------------------------------------------------------- fragments: jobs
 
-def _job_list_context(s: Session, kind: str | None, status: str | None, offset: int) -> dict[str, Any]:
+def _job_list_context(s: Session, caller: Caller, kind: str | None, status: str | None,
+                      offset: int) -> dict[str, Any]:
     kind, status = _blank(kind), _blank(status)
     if status and status not in views.STATUSES:
         raise HTTPException(422, f"status must be one of {', '.join(views.STATUSES)}")
-    rows, total = views.job_rows(session=s, kind=kind, status=status, limit=PAGE_SIZE, offset=offset)
+    rows, total = views.job_rows(session=s, kind=kind, status=status, limit=PAGE_SIZE, offset=offset,
+                                 owner_id=caller.owner_filter)
     query = urlencode({k: v for k, v in (("kind", kind), ("status", status), ("offset", offset)) if v})
     return {"rows": rows, "total": total, "kind": kind, "status": status, "offset": offset,
-            "page_size": PAGE_SIZE, "kinds": views.known_kinds(s), "statuses": views.STATUSES,
+            "page_size": PAGE_SIZE, "kinds": views.known_kinds(s, caller.owner_filter), "statuses": views.STATUSES,
             "tree": not (kind or status), "query": query}
 
 
 @router.get("/dashboard/fragments/jobs")
 def jobs_fragment(request: Request, s: SessionDep, caller: CallerDep, kind: str | None = None,
                   status: str | None = None, offset: Offset = 0) -> HTMLResponse:
-    return _fragment(request, "jobs.html", **_job_list_context(s, kind, status, offset))
+    return _fragment(request, "jobs.html", **_job_list_context(s, caller, kind, status, offset))
 
 
 @router.get("/dashboard/fragments/jobs/rows")
 def job_rows_fragment(request: Request, s: SessionDep, caller: CallerDep, kind: str | None = None,
                       status: str | None = None, offset: Offset = 0) -> HTMLResponse:
-    return _fragment(request, "_job_rows.html", **_job_list_context(s, kind, status, offset))
+    return _fragment(request, "_job_rows.html", **_job_list_context(s, caller, kind, status, offset))
 
 
-def _job_context(job_id: int, s: Session) -> dict[str, Any]:
-    job = job_or_404(job_id, s)
+def _job_context(job_id: int, s: Session, caller: Caller) -> dict[str, Any]:
+    job = job_or_404(job_id, s, caller)
     return {"row": views.job_row(job), "job": job,
             "children": [views.job_row(c) for c in jobq.children(job.id, session=s)],
             "charts": views.training_curves(job, session=s),
@@ -127,12 +129,12 @@ def _job_context(job_id: int, s: Session) -> dict[str, Any]:
 
 @router.get("/dashboard/fragments/jobs/{job_id:int}")
 def job_fragment(request: Request, job_id: RowId, s: SessionDep, caller: CallerDep) -> HTMLResponse:
-    return _fragment(request, "job.html", **_job_context(job_id, s))
+    return _fragment(request, "job.html", **_job_context(job_id, s, caller))
 
 
 @router.get("/dashboard/fragments/jobs/{job_id:int}/summary")
 def job_summary_fragment(request: Request, job_id: RowId, s: SessionDep, caller: CallerDep) -> HTMLResponse:
-    return _fragment(request, "_job_summary.html", **_job_context(job_id, s))
+    return _fragment(request, "_job_summary.html", **_job_context(job_id, s, caller))
 
 
 @router.get("/dashboard/fragments/jobs/{job_id:int}/predictions")
@@ -141,7 +143,7 @@ def predictions_fragment(request: Request, job_id: RowId, s: SessionDep, caller:
                          min_conf: float | None = Query(None, ge=0, le=1),
                          max_conf: float | None = Query(None, ge=0, le=1), offset: Offset = 0,
                          limit: int = Query(PAGE_SIZE, ge=1, le=500)) -> HTMLResponse:
-    job = job_or_404(job_id, s)
+    job = job_or_404(job_id, s, caller)
     if job.kind != "classify":
         raise HTTPException(404, f"job {job_id} is a {job.kind} job; predictions belong to classify jobs")
     flt = views.PredictionFilter(wrong=wrong, gold=_blank(gold), predicted=_blank(predicted), min_conf=min_conf,
@@ -158,7 +160,7 @@ def predictions_fragment(request: Request, job_id: RowId, s: SessionDep, caller:
 
 @router.get("/dashboard/fragments/evaluations")
 def evaluations_fragment(request: Request, s: SessionDep, caller: CallerDep, offset: Offset = 0) -> HTMLResponse:
-    rows, total = resq.list_evaluations(session=s, limit=PAGE_SIZE, offset=offset)
+    rows, total = resq.list_evaluations(session=s, limit=PAGE_SIZE, offset=offset, owner_id=caller.owner_filter)
     return _fragment(request, "evaluations.html", evaluations=rows, total=total, offset=offset,
                      page_size=PAGE_SIZE, summary=views.evaluation_summary)
 
@@ -168,7 +170,7 @@ def compare_fragment(request: Request, a: EvalId, b: EvalId, s: SessionDep, call
                      ma: str | None = None, mb: str | None = None) -> HTMLResponse:
     evs = []
     for eid in (a, b):
-        ev = resq.get_evaluation(eid, session=s)
+        ev = resq.get_evaluation(eid, session=s, owner_id=caller.owner_filter)
         if ev is None:
             raise HTTPException(404, f"no evaluation with id {eid}")
         evs.append(ev)
@@ -186,7 +188,7 @@ def compare_fragment(request: Request, a: EvalId, b: EvalId, s: SessionDep, call
 
 @router.get("/evaluations/{eval_id}/report")
 def evaluation_report(eval_id: RowId, s: SessionDep, caller: CallerDep, download: bool = False) -> Response:
-    ev = resq.get_evaluation(eval_id, session=s)
+    ev = resq.get_evaluation(eval_id, session=s, owner_id=caller.owner_filter)
     if ev is None:
         raise HTTPException(404, f"no evaluation with id {eval_id}")
     try:

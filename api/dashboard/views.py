@@ -6,6 +6,7 @@ Plain functions over a session; the router renders what they return with autoesc
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -16,9 +17,12 @@ from sqlalchemy.orm import Session
 
 from api.dashboard.charts import COLOURS, Interval, Series, interval_chart, line_chart
 from core.formatting import pct  # noqa: F401 - the templates' `pct` filter (router.py)
+from core.specs.classify import ClassifySpec
 from db import jobs as jobq
 from db import results as resq
 from db.models import JOB_STATUSES, TERMINAL, Evaluation, Job, utcnow
+from workers.evaluation.metrics import compare_models
+from workers.inference.items import load_items
 
 MAX_TREE_DEPTH = 3  # pipeline -> step -> shard
 
@@ -63,14 +67,17 @@ def job_row(job: Job, depth: int = 0) -> JobRow:
 
 
 def job_rows(*, session: Session, kind: str | None, status: str | None, limit: int,
-             offset: int) -> tuple[list[JobRow], int]:
+             offset: int, owner_id: int | None = None) -> tuple[list[JobRow], int]:
     """Without filters: top-level jobs, newest first, each followed by its children as a tree.
-    With a kind or status filter: the matching jobs as a flat list."""
+    With a kind or status filter: the matching jobs as a flat list. `owner_id`: that owner's jobs only."""
     if kind or status:
-        rows, total = jobq.list_jobs(session=session, kind=kind, status=status, limit=limit, offset=offset)
+        rows, total = jobq.list_jobs(session=session, kind=kind, status=status, limit=limit, offset=offset,
+                                     owner_id=owner_id)
         return [job_row(j) for j in rows], total
     top = select(Job).where(Job.parent_id.is_(None))
-    total = session.scalar(select(func.count()).select_from(Job).where(Job.parent_id.is_(None))) or 0
+    if owner_id is not None:
+        top = top.where(Job.owner_id == owner_id)
+    total = session.scalar(select(func.count()).select_from(top.subquery())) or 0
     roots = session.scalars(top.order_by(Job.id.desc()).limit(limit).offset(offset)).all()
     kids: dict[int, list[Job]] = {}
     level = [j.id for j in roots]
@@ -92,8 +99,11 @@ def job_rows(*, session: Session, kind: str | None, status: str | None, limit: i
     return out, total
 
 
-def known_kinds(session: Session) -> list[str]:
-    return sorted(session.scalars(select(Job.kind).distinct()).all())
+def known_kinds(session: Session, owner_id: int | None = None) -> list[str]:
+    q = select(Job.kind).distinct()
+    if owner_id is not None:
+        q = q.where(Job.owner_id == owner_id)
+    return sorted(session.scalars(q).all())
 
 
 STATUSES = JOB_STATUSES
@@ -170,8 +180,6 @@ def confidence(p: dict[str, Any]) -> float | None:
 
 @lru_cache(maxsize=8)
 def _file_texts(job_id: int, spec_json: str, dataset_path: str | None) -> dict[str, str]:
-    from workers.inference.items import load_items
-    from core.specs.classify import ClassifySpec
     spec = ClassifySpec.model_validate_json(spec_json)
     items, _rejected = load_items(spec, Path(dataset_path) if dataset_path else None)
     return {str(it["id"]): it["text"] for it in items}
@@ -282,7 +290,6 @@ def side(ev: Evaluation, model: str | None, colour: str) -> Side:
 
 
 def compare(a: Side, b: Side, *, session: Session) -> Comparison:
-    from workers.evaluation.evaluate import compare_models
     classes = list(a.metrics.get("per_class") or {})
     classes += [c for c in (b.metrics.get("per_class") or {}) if c not in classes]
     rows = []
@@ -331,9 +338,8 @@ def evaluation_summary(ev: Evaluation) -> list[dict[str, Any]]:
 def report_html(ev: Evaluation) -> str:
     """The evaluation's HTML report: the file its job wrote, or one rendered again from the stored
     document when that file is gone (or was never written)."""
-    import tempfile
 
-    from workers.evaluation.report import write_report
+    from workers.evaluation.report import write_report  # lazy: matplotlib, only when a report must be drawn again
     if ev.report_path:
         path = Path(ev.report_path)
         if path.is_file():

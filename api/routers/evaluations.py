@@ -17,13 +17,14 @@ router = APIRouter(prefix="/evaluations", tags=["evaluations"])
                                eval_id="$response.body#/items/0/id"))
 def list_evaluations(session: SessionDep, caller: CallerDep, limit: int = Query(50, ge=1, le=500),
                      offset: Offset = 0) -> EvaluationList:
-    rows, total = resq.list_evaluations(session=session, limit=limit, offset=offset)
+    rows, total = resq.list_evaluations(session=session, limit=limit, offset=offset,
+                                             owner_id=caller.owner_filter)
     return EvaluationList(items=[EvaluationOut.model_validate(e) for e in rows], total=total)
 
 
 @router.get("/{eval_id}", response_model=EvaluationOut, responses=ROW_ERRORS)
 def get_evaluation(eval_id: RowId, session: SessionDep, caller: CallerDep) -> EvaluationOut:
-    ev = resq.get_evaluation(eval_id, session=session)
+    ev = resq.get_evaluation(eval_id, session=session, owner_id=caller.owner_filter)
     if ev is None:
         raise HTTPException(404, f"no evaluation with id {eval_id}")
     return EvaluationOut.model_validate(ev)

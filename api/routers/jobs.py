@@ -13,11 +13,12 @@ from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from api.data_roots import refuse_paths_outside_data_roots
-from api.deps import CallerDep, SessionDep
+from api.deps import Caller, CallerDep, SessionDep
 from api.routers.links import link
+from api.submission import check_submission, refuse_oversized
 from api.schemas import (IDEMPOTENCY_KEY_PATTERN, MAX_ID, ROW_ERRORS, EventOut, JobCreate, JobKind, JobList, JobOut,
-                         JobStatus, Offset, PredictionOut, PredictionPage, RowId, errors)
+                         JobStatus, JobSummary, JobSummaryList, Offset, PredictionOut, PredictionPage, RowId,
+                         errors)
 from broker.app import enqueue, enqueue_advance
 from core.specs import QUEUES, Spec, parse_spec
 from core.version import code_version
@@ -41,11 +42,15 @@ def job_out(job: Job, session: Session) -> JobOut:
     return out
 
 
-def job_or_404(job_id: int, session: Session) -> Job:
+def job_or_404(job_id: int, session: Session, caller: Caller) -> Job:
+    """The job, or 404 when it does not exist or belongs to someone else (the same answer: no probing)."""
     try:
-        return jobq.get_job(job_id, session=session)
+        job = jobq.get_job(job_id, session=session)
     except jobq.JobNotFound as e:
         raise HTTPException(404, str(e)) from None
+    if not caller.may_see(job.owner_id):
+        raise HTTPException(404, f"no job with id {job_id}")
+    return job
 
 
 # ---------------------------------------------------------------- submission
@@ -94,17 +99,19 @@ def first_submission(key: str, kind: str, spec_json: dict[str, Any], parent_id: 
 def create_job(body: JobCreate, session: SessionDep, caller: CallerDep,
                idempotency_key: IdempotencyKeyHeader = None) -> JSONResponse:
     key = idempotency_key_of(body, idempotency_key)
+    refuse_oversized(body.kind, body.spec)
     spec = valid_spec(body.kind, body.spec)
-    refuse_paths_outside_data_roots(spec)
+    check_submission(body.kind, spec, caller, session)
     queue = spec.queue if body.kind == "noop" else QUEUES[body.kind]
     spec_json = spec.model_dump(mode="json")
     if key and (first := first_submission(key, body.kind, spec_json, body.parent_id, session)) is not None:
         return first
     if body.parent_id is not None:
-        job_or_404(body.parent_id, session)
+        job_or_404(body.parent_id, session, caller)
     try:
         job = jobq.create_job(session=session, kind=body.kind, queue=queue, spec=spec_json, parent_id=body.parent_id,
-                              idempotency_key=key, code_version=code_version())
+                              idempotency_key=key, code_version=code_version(),
+                              owner_id=caller.user_id)
         session.commit()
     except IntegrityError:  # a concurrent submission with the same key won
         session.rollback()
@@ -125,24 +132,26 @@ def create_job(body: JobCreate, session: SessionDep, caller: CallerDep,
 
 # ---------------------------------------------------------------- reading
 
-@router.get("", response_model=JobList, responses=errors(422, 503),
+@router.get("", response_model=JobSummaryList, responses=errors(422, 503),
             openapi_extra=link("200", to=JOB_OPERATIONS, job_id="$response.body#/items/0/id"))
 def list_jobs(session: SessionDep, caller: CallerDep, kind: JobKind | None = None, status: JobStatus | None = None,
               parent_id: int | None = Query(None, ge=1, le=MAX_ID),
-              limit: int = Query(50, ge=1, le=500), offset: Offset = 0) -> JobList:
+              limit: int = Query(50, ge=1, le=500), offset: Offset = 0) -> JobSummaryList:
+    """A page of jobs, newest first: each a summary (no spec: `GET /jobs/{job_id}` has it whole)."""
     rows, total = jobq.list_jobs(session=session, kind=kind, status=status, parent_id=parent_id, limit=limit,
-                                 offset=offset)
-    return JobList(items=[job_out(j, session) for j in rows], total=total, limit=limit, offset=offset)
+                                 offset=offset, owner_id=caller.owner_filter)
+    items = [JobSummary.model_validate(job_out(j, session).model_dump()) for j in rows]
+    return JobSummaryList(items=items, total=total, limit=limit, offset=offset)
 
 
 @router.get("/{job_id}", response_model=JobOut, responses=ROW_ERRORS)
 def get_job(job_id: RowId, session: SessionDep, caller: CallerDep) -> JobOut:
-    return job_out(job_or_404(job_id, session), session)
+    return job_out(job_or_404(job_id, session, caller), session)
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut, responses=errors(404, 409, 422, 503))
 def cancel_job(job_id: RowId, session: SessionDep, caller: CallerDep) -> JobOut:
-    job_or_404(job_id, session)
+    job_or_404(job_id, session, caller)
     try:
         job = jobq.request_cancel(job_id, session=session)
     except jobq.JobStateConflict as e:
@@ -161,14 +170,14 @@ def cancel_job(job_id: RowId, session: SessionDep, caller: CallerDep) -> JobOut:
 @router.get("/{job_id}/events", response_model=list[EventOut], responses=ROW_ERRORS)
 def job_events(job_id: RowId, session: SessionDep, caller: CallerDep, after_id: int = Query(0, ge=0, le=MAX_ID),
                limit: int = Query(200, ge=1, le=1000)) -> list[EventOut]:
-    job_or_404(job_id, session)
+    job_or_404(job_id, session, caller)
     return [EventOut.model_validate(e) for e in jobq.events(job_id, session=session, after_id=after_id, limit=limit)]
 
 
 @router.get("/{job_id}/predictions", response_model=PredictionPage, responses=ROW_ERRORS)
 def job_predictions(job_id: RowId, session: SessionDep, caller: CallerDep, offset: Offset = 0,
                     limit: int = Query(100, ge=1, le=5000), failed: bool | None = None) -> PredictionPage:
-    job_or_404(job_id, session)
+    job_or_404(job_id, session, caller)
     rows, total = resq.predictions(job_id, session=session, offset=offset, limit=limit, failed=failed)
     return PredictionPage(items=[PredictionOut.model_validate(p) for p in rows], total=total, limit=limit,
                           offset=offset)
@@ -178,12 +187,12 @@ def job_predictions(job_id: RowId, session: SessionDep, caller: CallerDep, offse
             responses={200: {"content": {"application/x-ndjson": {"schema": {"type": "string"}}},
                              "description": "One prediction per line, as JSON."}, **ROW_ERRORS})
 def job_predictions_jsonl(job_id: RowId, session: SessionDep, caller: CallerDep) -> PlainTextResponse:
-    job_or_404(job_id, session)
+    job_or_404(job_id, session, caller)
     lines = [json.dumps(p) for p in resq.all_predictions(job_id, session=session)]
     return PlainTextResponse("\n".join(lines) + ("\n" if lines else ""), media_type="application/x-ndjson")
 
 
 @router.get("/{job_id}/judge_scores", responses=ROW_ERRORS)
 def job_judge_scores(job_id: RowId, session: SessionDep, caller: CallerDep) -> list[dict[str, Any]]:
-    job_or_404(job_id, session)
+    job_or_404(job_id, session, caller)
     return resq.judge_scores(job_id, session=session)

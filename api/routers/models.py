@@ -22,12 +22,13 @@ MODEL_OPERATIONS = {"model": ("GET", "/models/{model_id}"), "exports": ("GET", "
             openapi_extra=link("200", to=MODEL_OPERATIONS, model_id="$response.body#/0/id"))
 def list_models(session: SessionDep, caller: CallerDep, limit: int = Query(50, ge=1, le=500),
                 offset: Offset = 0) -> list[ModelOut]:
-    return [ModelOut.model_validate(m) for m in resq.list_artifacts(session=session, limit=limit, offset=offset)]
+    rows = resq.list_artifacts(session=session, limit=limit, offset=offset, owner_id=caller.owner_filter)
+    return [ModelOut.model_validate(m) for m in rows]
 
 
 @router.get("/{model_id}", response_model=ModelOut, responses=ROW_ERRORS)
 def get_model(model_id: RowId, session: SessionDep, caller: CallerDep) -> ModelOut:
-    art = resq.get_artifact(model_id, session=session)
+    art = resq.get_artifact(model_id, session=session, owner_id=caller.owner_filter)
     if art is None:
         raise HTTPException(404, f"no model artifact with id {model_id}")
     return ModelOut.model_validate(art)
@@ -38,10 +39,11 @@ def get_model(model_id: RowId, session: SessionDep, caller: CallerDep) -> ModelO
                                model_id="$response.body#/0/id"))
 def list_exports(model_id: RowId, session: SessionDep, caller: CallerDep) -> list[ModelOut]:
     """The registered exports of an adapter (`newslora export`), newest first, each with its verification."""
-    art = resq.get_artifact(model_id, session=session)
+    art = resq.get_artifact(model_id, session=session, owner_id=caller.owner_filter)
     if art is None or art.kind != "adapter":
         raise HTTPException(404, f"no adapter with id {model_id}")
-    return [ModelOut.model_validate(r) for r in resq.exports_of(model_id, session=session)]
+    exports = resq.exports_of(model_id, session=session, owner_id=caller.owner_filter)
+    return [ModelOut.model_validate(r) for r in exports]
 
 
 @router.get("/{model_id}/download", response_class=Response,
@@ -50,13 +52,13 @@ def list_exports(model_id: RowId, session: SessionDep, caller: CallerDep) -> lis
                        **errors(404, 409, 422, 503)})
 def download_export(model_id: RowId, session: SessionDep, caller: CallerDep) -> StreamingResponse:
     """An export's files as one streamed tar.gz (`newslora exports download ID`)."""
-    art = resq.get_artifact(model_id, session=session)
+    art = resq.get_artifact(model_id, session=session, owner_id=caller.owner_filter)
     if art is None or art.kind != "export":
         raise HTTPException(404, f"no export with id {model_id}: list an adapter's exports with "
                                  f"GET /models/{{adapter_id}}/exports")
     folder = Path(art.path)
     if not folder.is_dir():
-        raise HTTPException(409, f"export {model_id}'s folder {folder} is gone from the server; export again")
+        raise HTTPException(409, f"export {model_id}'s folder is gone from the server; export again")
     name = f"newslora-export-{model_id}"
     return StreamingResponse(stream_tar_gz(folder, name), media_type="application/gzip",
                              headers={"Content-Disposition": f'attachment; filename="{name}.tar.gz"'})

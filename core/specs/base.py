@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import BaseModel, ConfigDict
 
 from core.paths import SpecPath
@@ -11,6 +13,18 @@ LOCAL_PATH_PREFIXES = (".", "/", "~")
 def is_local_path(value: object) -> bool:
     """Whether a spec value names a local file or folder by its spelling (`./x`, `/x`, `~/x`)."""
     return isinstance(value, str) and value.startswith(LOCAL_PATH_PREFIXES)
+
+
+def model_paths(field: str, value: str | None) -> list[SpecPath]:
+    """A model or tokenizer reference as the path policy sees it: a local folder when spelled as a path (or
+    when it names one here), a hub id when shaped `owner/name`, nothing for a preset name."""
+    if not value:
+        return []
+    if is_local_path(value) or "/" not in value and Path(value).exists():
+        return [SpecPath(field, value, kind="model")]
+    if "/" in value or "\\" in value:
+        return [SpecPath(field, value, kind="model", hub=True)]
+    return []
 
 
 class Spec(BaseModel):

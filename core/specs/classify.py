@@ -5,7 +5,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from core.paths import SpecPath
-from core.specs.base import Spec, is_local_path
+from core.specs.base import Spec, model_paths
 
 
 class ClassifyItem(Spec):
@@ -66,6 +66,4 @@ class ClassifySpec(Spec):
     def paths(self) -> list[SpecPath]:
         """The input file, and the model where it names a local folder."""
         paths = [SpecPath("input_file", self.input_file)] if self.input_file else []
-        if is_local_path(self.model):
-            paths.append(SpecPath("model", self.model, kind="model"))
-        return paths
+        return paths + model_paths("model", self.model)

@@ -23,6 +23,9 @@ class ExportSpec(Spec):
                              description="gguf: the model's name and file stem (default newslora-adapter<ID>)")
     verify: bool = Field(default=True, description="reload the export as its users will and classify a fixed "
                          "sample of the test split; a failed check fails the export")
+    gguf_loader: Literal["auto", "llama.cpp", "transformers"] = Field(
+        default="auto", description="gguf: what the check loads the file with: llama.cpp itself (llama-cpp-python, "
+        "`make install-llamacpp`), transformers' gguf_file= loader, or auto (llama.cpp where it is installed)")
     verify_samples: int = Field(default=400, ge=1, le=100_000, description="test articles the check classifies")
     min_agreement: float | None = Field(
         default=None, gt=0, le=1, description="share of articles whose label must equal the adapter path's; "

@@ -5,7 +5,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from core.paths import SpecPath
-from core.specs.base import Spec, is_local_path
+from core.specs.base import Spec, model_paths
 
 
 class JudgeSpec(Spec):
@@ -63,5 +63,6 @@ class JudgeSpec(Spec):
         return self
 
     def paths(self) -> list[SpecPath]:
-        """The answering model (dialogue), where it names a local folder."""
-        return [SpecPath("model", self.model, kind="model")] if is_local_path(self.model) else []
+        """The answering model (dialogue), and the judge model of the local backend."""
+        judge = model_paths("judge_model", self.judge_model) if self.backend == "local" else []
+        return model_paths("model", self.model) + judge

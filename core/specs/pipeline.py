@@ -9,14 +9,15 @@ one of them through its real spec (TrainSpec, ClassifySpec, JudgeSpec) with plac
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, ValidationError, create_model, model_validator
 from pydantic.fields import FieldInfo
 
 from core.paths import SpecPath
-from core.specs.base import Spec, is_local_path
+from core.specs.base import Spec, model_paths
 from core.specs.classify import ClassifySpec
+from core.specs.evaluate import EvaluateSpec
 from core.specs.judge import JudgeSpec
 from core.specs.prep import PrepSpec
 from core.specs.train import TrainSpec
@@ -64,6 +65,9 @@ class PipelineSpec(Spec):
     generate_limit: int | None = Field(default=100, ge=0, description="generate-mode items per model; 0: none")
     judge: JudgeStage | None = Field(default_factory=JudgeStage, description="null to skip judging")
     reuse_adapter: bool = False
+    until: Literal["evaluate", "train"] = Field(
+        default="evaluate", description="the last stage: evaluate runs them all; train ends the pipeline once its "
+        "adapter is trained (prep -> train, as an OpenAI fine-tuning job does)")
 
     # ------------------------------------------------------------ the child specs (dicts for parse_spec)
 
@@ -96,12 +100,11 @@ class PipelineSpec(Spec):
         return _with_adapter(spec, adapter_id)
 
     def paths(self) -> list[SpecPath]:
-        """The prep sources spelled as paths (`./`, `/`, `~`; not PrepSpec's wider rule), and the model where it
-        names a local folder."""
-        sources = [SpecPath(f"prep.{split}.path", src.path)
-                   for split, src in (("train", self.prep.train), ("test", self.prep.test))
-                   if src is not None and is_local_path(src.path)]
-        return sources + ([SpecPath("model", self.model, kind="model")] if is_local_path(self.model) else [])
+        """Every child's paths: the prep sources, classes files and tokenizer, the model, the local judge's."""
+        prep = [SpecPath(f"prep.{p.field}", p.value, p.kind, p.hub) for p in self.prep.paths()]
+        judge = model_paths("judge.judge_model", self.judge.judge_model) \
+            if self.judge is not None and self.judge.backend == "local" else []
+        return prep + model_paths("model", self.model) + judge
 
     @property
     def judges_generations(self) -> bool:
@@ -114,7 +117,6 @@ class PipelineSpec(Spec):
     @model_validator(mode="after")
     def _every_stage_builds(self) -> "PipelineSpec":
         """Build each child spec through its real spec class now, so no stage can fail to be created later."""
-        from core.specs.evaluate import EvaluateSpec
         checks: list[tuple[str, type[Spec], dict[str, Any]]] = [
             ("train", TrainSpec, self.train_spec(1)), ("classify", ClassifySpec, self.score_spec(1, 1))]
         if self.generate_limit:

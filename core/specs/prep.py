@@ -6,7 +6,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from core.paths import SpecPath
-from core.specs.base import Spec, is_local_path
+from core.specs.base import Spec, is_local_path, model_paths
 
 AG_NEWS_LABELS = ["World", "Sports", "Business", "Sci/Tech"]
 
@@ -15,7 +15,9 @@ class SourceSpec(Spec):
     """Where one split's rows come from."""
 
     path: str = Field(description="hub id (e.g. fancyzhx/ag_news), or a local file: AG News CSV, JSONL, CSV, parquet")
-    format: Literal["auto", "hub", "agnews_csv", "jsonl", "csv", "parquet"] = "auto"
+    format: Literal["auto", "hub", "agnews_csv", "jsonl", "csv", "parquet", "openai_chat", "prompt_completion"] = Field(
+        default="auto", description="openai_chat / prompt_completion: an OpenAI fine-tuning file ({messages: [...]} "
+        "or {prompt, completion} a line; text_columns and label_column do not apply)")
     split: str | None = Field(default=None, description="hub split name (train/test)")
     text_columns: list[str] = Field(default_factory=lambda: ["text"], min_length=1,
                                     description="columns joined with a space to make the text (e.g. [title, body]); "
@@ -33,12 +35,22 @@ class SourceSpec(Spec):
                                          or is_local_path(self.path))
 
 
+    def paths(self, prefix: str = "") -> list[SpecPath]:
+        """The source (a local file, or a hub id where it is not one) and the classes file."""
+        out = [SpecPath(f"{prefix}path", self.path, hub=not self.is_local_file())]
+        if self.classes_file:
+            out.append(SpecPath(f"{prefix}classes_file", self.classes_file))
+        return out
+
+
 class PrepSpec(Spec):
     """Turn a labeled news set into Alpaca-style instruction records (train / validation / test)."""
 
     name: str = Field(default="ag_news", min_length=1, max_length=200)
     train: SourceSpec = Field(default_factory=lambda: SourceSpec(path="fancyzhx/ag_news", split="train"))
     test: SourceSpec | None = Field(default_factory=lambda: SourceSpec(path="fancyzhx/ag_news", split="test"))
+    validation: SourceSpec | None = Field(default=None, description="the validation split's rows; not given: "
+                                          "validation_fraction of the train source")
     label_names: list[str] | None = Field(
         default=None, min_length=2, description="the labels, in label-id order. Not given: where every label in "
         "the data is a name (not an integer id), the distinct names found, sorted (AG News's four, in AG News's "
@@ -65,6 +77,7 @@ class PrepSpec(Spec):
         return self
 
     def paths(self) -> list[SpecPath]:
-        """Each split's source that is a local file."""
-        return [SpecPath(f"{split}.path", src.path) for split, src in (("train", self.train), ("test", self.test))
-                if src is not None and src.is_local_file()]
+        """Each split's source (a local file, or a hub id) and classes file, and the tokenizer."""
+        out = [p for split, src in (("train", self.train), ("test", self.test), ("validation", self.validation))
+               if src is not None for p in src.paths(f"{split}.")]
+        return out + model_paths("tokenizer", self.tokenizer)

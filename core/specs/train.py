@@ -5,7 +5,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from core.paths import SpecPath
-from core.specs.base import Spec, is_local_path
+from core.specs.base import Spec, model_paths
 
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -87,4 +87,4 @@ class TrainSpec(Spec):
 
     def paths(self) -> list[SpecPath]:
         """The model, where it names a local checkpoint folder (the dataset is a row id)."""
-        return [SpecPath("model", self.model, kind="model")] if is_local_path(self.model) else []
+        return model_paths("model", self.model)

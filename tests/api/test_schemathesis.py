@@ -25,6 +25,9 @@ import pytest
 CONFIG = Path(__file__).with_name("schemathesis.toml")
 EXAMPLES = int(os.environ.get("NEWSLORA_SCHEMATHESIS_EXAMPLES", "30"))
 SEED = int(os.environ.get("NEWSLORA_SCHEMATHESIS_SEED", "20261128"))
+# No worker runs here: /v1/chat/completions and /v1/completions wait this long for one, then answer 429.
+NO_WORKER_WAIT = {"NEWSLORA_OPENAI_SYNC_TIMEOUT_S": "0.2"}
+API_TOKEN = "schemathesis-admin-token"  # the run authenticates as the bootstrap admin (NEWSLORA_API_TOKEN)
 
 
 def _seed_store(database_url: str, home: Path) -> None:
@@ -61,6 +64,32 @@ def _seed_store(database_url: str, home: Path) -> None:
         s.add(ModelArtifact(kind="export", source_adapter_id=adapter.id, name="lora-peft", base_model="smollm2-135m",
                             path=str(export), hash="3" * 64, spec={"format": "peft"}, metrics={"verified": True}))
         s.add(Evaluation(name="eval", spec={}, document={"accuracy": 0.5}, report_path=None))
+        # /v1: one uploaded batch file (its bytes under the home) and one finished batch over it.
+        from db.models import Batch, StoredFile
+        line = b'{"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {}}\n'
+        (home / "files").mkdir(exist_ok=True)
+        (home / "files" / "file-000000000000000000000001").write_bytes(line)
+        s.add(StoredFile(id="file-000000000000000000000001", filename="batch.jsonl", purpose="batch",
+                         bytes=len(line), sha256="4" * 64, path=str(home / "files" / "file-000000000000000000000001")))
+        s.add(Batch(id="batch_000000000000000000000001", endpoint="/v1/completions", completion_window="24h",
+                    input_file_id="file-000000000000000000000001", status="completed", total=1, completed=1,
+                    failed=0))
+        # ... one batch still running (its job queued), so a cancel has something to stop; and a fine-tune the
+        # admin this run authenticates as owns, so DELETE /v1/models/{model} has one to delete.
+        from db import auth
+        admin = auth.ensure_user(auth.BOOTSTRAP_ADMIN, role="admin", session=s)
+        running = Job(kind="classify", queue="gpu", status="queued", spec={"items": [{"id": "a", "text": "x"}]},
+                      owner_id=admin.id)
+        s.add(running)
+        s.flush()
+        s.add(Batch(id="batch_000000000000000000000002", endpoint="/v1/completions", completion_window="24h",
+                    input_file_id="file-000000000000000000000001", status="in_progress", total=1, completed=0,
+                    failed=0, job_id=running.id, owner_id=admin.id))
+        trained = Job(kind="train", queue="gpu", status="succeeded", spec={}, owner_id=admin.id)
+        s.add(trained)
+        s.flush()
+        s.add(ModelArtifact(kind="adapter", name="owned-lora", base_model="smollm2-135m", path="/tmp/b",
+                            spec={"suffix": "mine"}, job_id=trained.id))
     engine.dispose()
 
 
@@ -74,7 +103,9 @@ def _operation_count(openapi: dict) -> int:
 def api_stack(request, stack_factory):
     """The real API with one row of each kind: embedded (SQLite + SQLAlchemy broker) or PostgreSQL + Redis."""
     if request.param == "embedded":
-        st = stack_factory()  # neither DATABASE_URL nor BROKER_URL: the embedded default
+        # neither DATABASE_URL nor BROKER_URL: the embedded default. With a token (Schemathesis sends it): a token
+        # made by POST /tokens during the run would end a single-user mode the run relied on.
+        st = stack_factory(NEWSLORA_API_TOKEN=API_TOKEN, **NO_WORKER_WAIT)
         st.start_api()  # creates the store (migrated to head)
         home = Path(st.env["NEWSLORA_HOME"])
         _seed_store(f"sqlite:///{home / 'newslora.sqlite'}", home)
@@ -85,7 +116,7 @@ def api_stack(request, stack_factory):
     with engine.begin() as c:  # a clean schema: the API migrates it
         c.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
     engine.dispose()
-    st = stack_factory(database_url=pg_url, broker_url=redis_url)
+    st = stack_factory(database_url=pg_url, broker_url=redis_url, NEWSLORA_API_TOKEN=API_TOKEN, **NO_WORKER_WAIT)
     st.start_api()
     _seed_store(pg_url.replace("postgresql://", "postgresql+psycopg://"), Path(st.env["NEWSLORA_HOME"]))
     return st
@@ -97,14 +128,16 @@ def test_the_api_conforms_to_its_openapi_schema(api_stack, tmp_path):
     # override the one per-operation exception in schemathesis.toml (see the test below).
     cmd = [sys.executable, "-m", "schemathesis.cli", "--config-file", str(CONFIG), "run",
            f"{st.url}/openapi.json", "--max-examples", str(EXAMPLES), "--seed", str(SEED),
-           "--workers", "1", "--request-timeout", "20", "--no-color"]
+           "--workers", "1", "--request-timeout", "20", "--no-color",
+           "--header", f"Authorization: Bearer {API_TOKEN}"]
     run = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "NO_COLOR": "1"})
     out = run.stdout + run.stderr
     assert run.returncode == 0, f"Schemathesis found failures (seed {SEED}):\n{out[-20000:]}"
     # It really ran: every operation the schema has tested (a route added without coverage fails here), and
     # many requests made (not a schema it could not load).
-    operations = _operation_count(httpx.get(f"{st.url}/openapi.json", timeout=10).json())
+    operations = _operation_count(httpx.get(f"{st.url}/openapi.json", timeout=10,
+                                            headers={"Authorization": f"Bearer {API_TOKEN}"}).json())
     assert re.search(r"Selected: (\d+)/(\d+)", out)[0] == f"Selected: {operations}/{operations}", out[-3000:]
     assert re.search(r"Tested: (\d+)", out) and int(re.search(r"Tested: (\d+)", out)[1]) == operations, out[-3000:]
     # The stateful phase followed the schema's links from list and create answers to the rows they name.

@@ -81,7 +81,8 @@ def test_bad_stage_values_are_refused_naming_the_field():
     ("train.lora.rnak=4", "unknown key train.lora.rnak; did you mean train.lora.rank?"),
     ("trian.max_steps=3", "unknown key trian.max_steps; did you mean train.max_steps?"),
     ("prep.text_columns=[title]",
-     "unknown key prep.text_columns; did you mean prep.train.text_columns or prep.test.text_columns?"),
+     "unknown key prep.text_columns; did you mean prep.train.text_columns or prep.test.text_columns or "
+     "prep.validation.text_columns?"),
     ("train.model=x", "unknown key train.model; did you mean model?"),
     ("train.lora.rank.x=1", "cannot set train.lora.rank.x: train.lora.rank is a single value, not a mapping"),
 ])

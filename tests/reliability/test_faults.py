@@ -259,7 +259,7 @@ def test_worker_killed_mid_classification_every_item_stored_exactly_once(rel_sta
 # ---------------------------------------------------------------- the judge server failing
 
 # control_pairs 0: this test counts the chats a failing server gets for the sampled items (the judge's control
-# set, its validity check, is tested in tests/workers/test_judge.py).
+# set, its validity check, is tested in tests/workers/judge/test_judge.py).
 JUDGE = {"dialogue": True, "answer_max_new_tokens": 4, "sample": 4, "retries": 1, "backoff_s": 0.0,
          "timeout_s": 1.0, "concurrency": 2, "stream": False, "control_pairs": 0}
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from core.specs.prep import AG_NEWS_LABELS, SourceSpec
+from workers.data.chat_formats import OPENAI_FORMATS, RecordProblem, example_from
 
 
 class PrepError(ValueError):
@@ -26,7 +27,8 @@ class PrepError(ValueError):
 
 FILE_SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv",
                  ".parquet": "parquet", ".pq": "parquet"}
-FORMAT_NAMES = {"jsonl": "JSONL", "csv": "CSV", "agnews_csv": "AG News CSV", "parquet": "Parquet", "hub": "hub"}
+FORMAT_NAMES = {"jsonl": "JSONL", "csv": "CSV", "agnews_csv": "AG News CSV", "parquet": "Parquet", "hub": "hub",
+                "openai_chat": "OpenAI chat JSONL", "prompt_completion": "prompt/completion JSONL"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _MAGIC = [(b"PAR1", "a Parquet file"), (b"\x1f\x8b", "a gzip file"), (b"PK\x03\x04", "a zip file"),
           (b"\xff\xfe", "UTF-16 text"), (b"\xfe\xff", "UTF-16 text"), (b"BZh", "a bzip2 file"),
@@ -89,7 +91,9 @@ def load_source(key: str, spec: SourceSpec, label_names: list[str] | None) -> Lo
         rows = _read_parquet(path, spec)
         return LoadedSource(key, spec, str(path), fmt, "row", rows, id_names, info)
     text = _decode(path, data)
-    if fmt == "jsonl":
+    if fmt in OPENAI_FORMATS:
+        rows, info["instruction"] = _read_openai(path, text, fmt)
+    elif fmt == "jsonl":
         rows = _read_jsonl(path, text, spec)
     elif fmt == "csv":
         rows = _read_csv(path, text, spec)
@@ -146,7 +150,7 @@ def detect_format(spec: SourceSpec) -> str:
     looks_local = path.suffix.lower() in FILE_SUFFIXES or spec.path.startswith(("/", ".", "~")) or \
         spec.path.count("/") > 1 or not _HUB_ID.match(spec.path)
     if looks_local:
-        raise PrepError(f"{path} does not exist (relative paths are read from {Path.cwd()}): check the path, "
+        raise PrepError(f"{path} does not exist (a relative path is read from the worker's folder): check the path, "
                         f"or give a hub id such as fancyzhx/ag_news")
     return "hub"
 
@@ -195,8 +199,8 @@ def _check_magic(path: Path, data: bytes, fmt: str) -> None:
                 what = "JSON text"
             elif what is None and head.isprintable():
                 what = "text"
-            raise PrepError(f"{path} is not a Parquet file (it looks like {what or 'something else'}, starting "
-                            f"{data[:16]!r}): give a real .parquet file, or rename it to what it is (.jsonl, .csv) "
+            raise PrepError(f"{path} is not a Parquet file (it looks like {what or 'something else'}): give a real "
+                            f".parquet file, or rename it to what it is (.jsonl, .csv) "
                             f"or set the source's format")
         return
     for magic, what in _MAGIC:
@@ -223,8 +227,7 @@ def _encoding_problem(text: str) -> str | None:
         return None
     except UnicodeEncodeError as e:
         byte = ord(text[e.start]) - 0xDC00
-        around = text[max(0, e.start - 15):e.start].encode("utf-8", errors="replace").decode()
-        return (f"is not UTF-8 (byte 0x{byte:02x} after {around!r}): re-save the file as UTF-8, e.g. "
+        return (f"is not UTF-8 (byte 0x{byte:02x} at character {e.start + 1}): re-save the file as UTF-8, e.g. "
                 f"`iconv -f cp1252 -t utf-8 in > out`")
 
 
@@ -271,30 +274,53 @@ def _read_jsonl(path: Path, text: str, spec: SourceSpec) -> list[RawRow]:
                 for i, o in enumerate(items, start=1)]
         _check_columns(path, rows, spec)
         return rows
-    rows: list[RawRow] = []
+    rows = [obj if isinstance(obj, RawRow) else _row_from_mapping(n, obj, spec)
+            for n, obj in _json_objects(path, text)]
+    _check_columns(path, rows, spec)
+    return rows
+
+
+def _json_objects(path: Path, text: str) -> Iterable[tuple[int, Any]]:
+    """(line, object) for each JSON object line; (line, RawRow with its problem) for a line that is not one."""
     last = text.count("\n") + 1
     for n, line in _lines(text):
         if not line.strip():
             if n != last:  # the empty piece after the final newline is not a row
-                rows.append(RawRow(n, problem="blank_line", detail="is blank"))
+                yield n, RawRow(n, problem="blank_line", detail="is blank")
             continue
         bad = _encoding_problem(line)
         if bad:
-            rows.append(RawRow(n, problem="encoding", detail=bad))
+            yield n, RawRow(n, problem="encoding", detail=bad)
             continue
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            rows.append(RawRow(n, problem="bad_json",
-                               detail=f"is not valid JSON ({e.msg} at column {e.colno}); is {path.name} really "
-                                      f"JSON Lines (one object a line)?"))
+            yield n, RawRow(n, problem="bad_json", detail=f"is not valid JSON ({e.msg} at column {e.colno}); is "
+                                                          f"{path.name} really JSON Lines (one object a line)?")
             continue
         if not isinstance(obj, dict):
-            rows.append(RawRow(n, problem="not_an_object", detail=f"is a JSON {type(obj).__name__}, not an object"))
+            yield n, RawRow(n, problem="not_an_object", detail=f"is a JSON {type(obj).__name__}, not an object")
             continue
-        rows.append(_row_from_mapping(n, obj, spec))
-    _check_columns(path, rows, spec)
-    return rows
+        yield n, obj
+
+
+def _read_openai(path: Path, text: str, fmt: str) -> tuple[list[RawRow], str | None]:
+    """An OpenAI fine-tuning file (workers/data/chat_formats.py): its rows (text, label), and the instruction
+    its lines share (their one system message; None where they have none, or differ)."""
+    rows: list[RawRow] = []
+    instructions: set[str | None] = set()
+    for n, obj in _json_objects(path, text):
+        if isinstance(obj, RawRow):
+            rows.append(obj)
+            continue
+        try:
+            ex = example_from(fmt, obj)
+        except RecordProblem as e:
+            rows.append(RawRow(n, problem=e.reason, detail=e.detail))
+            continue
+        instructions.add(ex.instruction)
+        rows.append(RawRow(n, (ex.text,), ex.label))
+    return rows, next(iter(instructions)) if len(instructions) == 1 else None
 
 
 def _check_columns(path: Path, rows: list[RawRow], spec: SourceSpec, sample: int = 1000) -> None:
@@ -326,7 +352,8 @@ def _read_csv(path: Path, text: str, spec: SourceSpec) -> list[RawRow]:
         hint = " (this looks like the headerless AG News CSV: put classes.txt beside it or set format='agnews_csv')" \
             if len(header) == 3 and header[0].isdigit() else ""
         raise PrepError(f"{path} line 1: no column {', '.join(map(repr, missing))} in the header "
-                        f"({', '.join(header)}); set text_columns / label_column to the names this file uses{hint}")
+                        f"(of {len(header)} columns); set text_columns / label_column to the names this file "
+                        f"uses{hint}")
     text_idx = [header.index(c) for c in spec.text_columns]
     label_idx = header.index(spec.label_column)
     return list(_csv_rows(path, reader, len(header), text_idx, label_idx,
@@ -376,7 +403,7 @@ def _read_parquet(path: Path, spec: SourceSpec) -> list[RawRow]:
     cols = [*spec.text_columns, spec.label_column]
     missing = [c for c in cols if c not in schema.names]
     if missing:
-        raise PrepError(f"{path}: no column {', '.join(map(repr, missing))} (columns: {', '.join(schema.names)}); "
+        raise PrepError(f"{path}: no column {', '.join(map(repr, missing))} (of {len(schema.names)} columns); "
                         f"set text_columns / label_column to the names this file uses")
     table = pq.read_table(path, columns=list(dict.fromkeys(cols)))
     return _table_rows(table.to_pydict(), spec)

@@ -31,8 +31,10 @@ from core.contracts.base import ContractError
 from core.contracts.dataset import DatasetMeta
 from core.context import JobContext
 from workers.data.clean import clean_text
+from workers.data.chat_formats import NOT_TRAINED
 from workers.data.loaders import LoadedSource, PrepError, label_names_in, load_source
 from workers.modeling.prompts import default_instruction, split_prompt
+from workers.modeling.registry import ModelNotFound, load_tokenizer
 from core.specs.prep import AG_NEWS_LABELS, PrepSpec
 from core.version import code_version
 
@@ -47,7 +49,9 @@ PHASES = ("setup", "load", "clean", "dedupe", "split", "tokenize", "write")
 MAX_LABELS_FROM_DATA = 256
 
 # Rows dropped for these reasons are not bad input: they are counted in meta.json but never fail a run.
-NOT_BAD = frozenset({"blank_line", "duplicate", "duplicate_label_conflict", "in_test", "over_cap"})
+# NOT_TRAINED: an OpenAI chat line whose every assistant turn has weight 0 (workers/data/chat_formats.py).
+NOT_BAD = frozenset({"blank_line", "duplicate", "duplicate_label_conflict", "in_test", "in_validation", "over_cap",
+                     NOT_TRAINED})
 
 # ---------------------------------------------------------------------------------------------------
 # Rows -> examples
@@ -109,10 +113,10 @@ def _label_id(value: Any, id_names: dict[int, str], label_index: dict[str, int])
         return None, f"has label {value!r} ({type(value).__name__}): give a label name or an integer id"
     name = id_names.get(value)
     if name is None:
-        known = ", ".join(f"{i} {n}" for i, n in sorted(id_names.items()))
+        known = f"ids {min(id_names)}-{max(id_names)}" if id_names else "empty"  # never the classes file's names
         return None, f"has label {value}, outside the label map ({known}): fix the label, or check first_label_id"
     if name not in label_index:
-        return None, (f"has label {value}, which this source names {name!r}, not one of label_names "
+        return None, (f"has label {value}, which this source's label map names, not one of label_names "
                       f"({', '.join(label_index)}): add it to label_names")
     return label_index[name], ""
 
@@ -150,13 +154,13 @@ def _examples(src: LoadedSource, spec: PrepSpec, label_names: list[str], drops: 
 
 
 def _dedupe(examples: list[Example], src: LoadedSource, drops: DropLog,
-            elsewhere: set[str] | None = None) -> list[Example]:
+            elsewhere: set[str] | None = None, elsewhere_reason: str = "in_test") -> list[Example]:
     """Keep the first of each exact text; drop a text found in `elsewhere` (the test split) too."""
     seen: dict[str, int] = {}
     kept = []
     for ex in examples:
         if elsewhere is not None and ex.text in elsewhere:
-            drops.drop(src, ex.row, "in_test", "")
+            drops.drop(src, ex.row, elsewhere_reason, "")
         elif ex.text in seen:
             drops.drop(src, ex.row, "duplicate" if seen[ex.text] == ex.label_id else "duplicate_label_conflict", "")
         else:
@@ -229,7 +233,6 @@ def _record(ex: Example, spec: PrepSpec, label_names: list[str], instruction: st
 def _load_tokenizer(spec: PrepSpec):
     if spec.tokenizer is None:
         return None
-    from workers.modeling.registry import ModelNotFound, load_tokenizer
     try:
         tok = load_tokenizer(spec.tokenizer)
     except ModelNotFound as e:
@@ -361,11 +364,14 @@ def prepare_dataset(spec: PrepSpec, out_dir: Path, ctx: JobContext) -> dict[str,
     sources = {"train": load_source("train", spec.train, spec.label_names)}
     if spec.test is not None:
         sources["test"] = load_source("test", spec.test, spec.label_names)
+    if spec.validation is not None:
+        sources["validation"] = load_source("validation", spec.validation, spec.label_names)
     label_names, label_source = _label_names(spec, sources)
     if label_source == "data":
         ctx.event(f"prep: label_names not given; using the {len(label_names)} labels found in the data, sorted: "
                   f"{', '.join(label_names)}", metrics={"label_names": label_names})
-    instruction = spec.instruction or default_instruction(label_names)
+    # An OpenAI chat file's system message, where every line has the same one (loaders.py `_read_openai`).
+    instruction = spec.instruction or sources["train"].info.get("instruction") or default_instruction(label_names)
     phases.done("load", rows=sum(len(s.rows) for s in sources.values()))
 
     drops, cleaned = DropLog(spec.on_bad_rows), Counter()
@@ -374,9 +380,19 @@ def prepare_dataset(spec: PrepSpec, out_dir: Path, ctx: JobContext) -> dict[str,
 
     test = _dedupe(examples["test"], sources["test"], drops) if "test" in examples else []
     train_pool = _dedupe(examples["train"], sources["train"], drops, elsewhere={ex.text for ex in test})
-    phases.done("dedupe", rows=len(test) + len(train_pool))
+    given_val = None
+    if "validation" in examples:  # a validation source: its rows are the split, none drawn from train
+        given_val = _dedupe(examples["validation"], sources["validation"], drops, elsewhere={ex.text for ex in test})
+        train_pool = _dedupe(train_pool, sources["train"], drops, elsewhere={ex.text for ex in given_val},
+                             elsewhere_reason="in_validation")
+    phases.done("dedupe", rows=len(test) + len(train_pool) + len(given_val or ()))
 
-    train, val = _split_train(train_pool, spec, sources["train"], drops)
+    if given_val is None:
+        train, val = _split_train(train_pool, spec, sources["train"], drops)
+    else:
+        train = _split_train(train_pool, spec.model_copy(update={"validation_fraction": 0.0}), sources["train"],
+                             drops)[0]
+        val = given_val
     if "test" in sources:
         test = _cap_test(test, spec, sources["test"], drops)
     if not train:

@@ -27,6 +27,8 @@ from core.contracts.export import ExportManifest
 from core.specs.classify import ClassifySpec
 from core.specs.export import ExportSpec
 from core.version import code_version
+from core.settings import get_settings
+from workers.export.llamacpp import llamacpp_version
 from workers.export.gguf_writer import GGUFExportError, base_tokenizer_pre, check_llama, write_gguf
 from workers.export.modelfile import render_modelfile
 from workers.inference.adapter import AdapterError, AdapterRef
@@ -131,6 +133,8 @@ def _write_and_check(spec: ExportSpec, adapter: AdapterRef, meta: AdapterMeta, b
     ctx.check_cancel()
     if not spec.verify:
         return None
+    if spec.format == "gguf" and _gguf_loader(spec) == "llama.cpp":
+        return _verify_in_llamacpp(spec, tmp / gguf_name, base_dir, adapter, meta, dataset_dir, ctx)
     if reload_dir is None:
         from workers.export.verify import reload_gguf_as_checkpoint  # lazy: torch; the API imports this package
         reload_dir = reload_gguf_as_checkpoint(tmp, gguf_name, scratch / "reloaded")
@@ -220,15 +224,48 @@ def _min_agreement(spec: ExportSpec) -> float:
 def _verify(spec: ExportSpec, reload_dir: Path, how: str, adapter: AdapterRef, meta: AdapterMeta, dataset_dir: Path,
             ctx: JobContext) -> dict[str, Any]:
     from workers.export.verify import compare_to_adapter  # lazy: torch; the API imports this package
-    items, _ = load_items(ClassifySpec(dataset_id=spec.dataset_id or 1, split="test", limit=spec.verify_samples),
-                          dataset_dir)
-    if not items:
-        raise ExportError(f"the dataset at {dataset_dir} has no test articles to verify the export with")
+    items = _verification_items(spec, dataset_dir)
     ctx.event(f"verifying: {len(items)} test articles through the adapter and through the reloaded export ({how})")
     v = compare_to_adapter(reload_dir, items, adapter=adapter, base_model=meta.base_model,
                            label_names=list(meta.label_names), instruction=meta.instruction or "",
                            template=meta.template, min_agreement=_min_agreement(spec), reloaded_with=how,
                            dtype=spec.dtype, device=spec.device, batch_size=spec.batch_size, ctx=ctx)
+    return _report_check(spec, v, ctx)
+
+
+def _gguf_loader(spec: ExportSpec) -> str:
+    """llama.cpp where it is installed (or asked for), else transformers' GGUF loader."""
+    if spec.gguf_loader == "llama.cpp" and llamacpp_version() is None:
+        raise ExportError("gguf_loader='llama.cpp' but llama-cpp-python is not installed on this worker: "
+                          "`make install-llamacpp`, or gguf_loader='auto'")
+    if spec.gguf_loader == "auto":
+        return "llama.cpp" if llamacpp_version() is not None else "transformers"
+    return spec.gguf_loader
+
+
+def _verification_items(spec: ExportSpec, dataset_dir: Path) -> list[dict]:
+    items, _ = load_items(ClassifySpec(dataset_id=spec.dataset_id or 1, split="test", limit=spec.verify_samples),
+                          dataset_dir)
+    if not items:
+        raise ExportError(f"the dataset at {dataset_dir} has no test articles to verify the export with")
+    return items
+
+
+def _verify_in_llamacpp(spec: ExportSpec, gguf_path: Path, base_dir: Path, adapter: AdapterRef, meta: AdapterMeta,
+                        dataset_dir: Path, ctx: JobContext) -> dict[str, Any]:
+    from workers.export.verify import compare_gguf_in_llamacpp  # lazy: torch; the API imports this package
+    items = _verification_items(spec, dataset_dir)
+    ctx.event(f"verifying: {len(items)} test articles through the adapter and through the GGUF in llama.cpp")
+    v = compare_gguf_in_llamacpp(gguf_path, base_dir, items, adapter=adapter, base_model=meta.base_model,
+                                 label_names=list(meta.label_names), instruction=meta.instruction or "",
+                                 template=meta.template, min_agreement=_min_agreement(spec), quant=spec.quant or "f16",
+                                 dtype=spec.dtype, device=spec.device, batch_size=spec.batch_size,
+                                 threads=get_settings().torch_threads, ctx=ctx)
+    return _report_check(spec, v, ctx)
+
+
+def _report_check(spec: ExportSpec, v, ctx: JobContext) -> dict[str, Any]:
+    """Record the check's outcome; a failed check fails the export (nothing is kept)."""
     ctx.event(f"verification {'passed' if v.passed else 'FAILED'}: {v.summary()}",
               level="info" if v.passed else "error", metrics=v.as_dict())
     if not v.passed:

@@ -16,6 +16,7 @@ from typing import Any
 from core.context import JobContext, LocalContext
 from core.specs.classify import ClassifySpec
 from workers.inference.classify import AdapterRef, InferenceEngine, classify_items, get_engine
+from workers.export.llamacpp import LlamaCppClassifier, llamacpp_version
 from workers.modeling.registry import convert_gguf
 
 
@@ -84,6 +85,40 @@ def _reference_key(adapter: AdapterRef, base_model: str, items: list[dict], labe
             dtype, device)
 
 
+def _reference_labels(items: list[dict], *, adapter: AdapterRef, base_model: str, label_names: list[str],
+                      instruction: str, template: str, spec: ClassifySpec,
+                      ctx: JobContext) -> tuple[dict[str, str | None], dict[str, Any]]:
+    """The adapter path's labels on `items` (computed once per sample and adapter in this process)."""
+    key = _reference_key(adapter, base_model, items, label_names, instruction, template, spec.dtype, spec.device)
+    if key in _REFERENCE:  # exporting one adapter in several formats: its own labels are computed once
+        ctx.event(f"verify (adapter): reusing the adapter's labels on these {len(items)} articles")
+        return _REFERENCE[key]
+    ref_engine = get_engine(base_model, dtype=spec.dtype, device=spec.device)
+    ref = _classify(ref_engine, items, adapter=adapter, model_ref=base_model, label_names=label_names,
+                    instruction=instruction, template=template, spec=spec, ctx=ctx, what="adapter")
+    _REFERENCE.clear()
+    _REFERENCE[key] = ref
+    return ref
+
+
+def _accuracy(items: list[dict], labels: dict[str, str | None]) -> float | None:
+    gold = [(str(it["id"]), it.get("label")) for it in items if it.get("label") is not None]
+    return sum(labels.get(i) == g for i, g in gold) / len(gold) if gold else None
+
+
+def _verification(ref: dict[str, str | None], got: dict[str, str | None], *, export_accuracy: float | None,
+                  adapter_accuracy: float | None, min_agreement: float, reloaded_with: str, dtype: str,
+                  start: float) -> Verification:
+    ids = [iid for iid in ref if ref[iid] is not None]
+    same = [iid for iid in ids if got.get(iid) == ref[iid]]
+    agreement = len(same) / len(ids) if ids else 0.0
+    diffs = [{"item_id": iid, "adapter": ref[iid], "export": got.get(iid)} for iid in ids if got.get(iid) != ref[iid]]
+    return Verification(n=len(ids), agreement=round(agreement, 4), min_agreement=min_agreement,
+                        passed=bool(ids) and agreement >= min_agreement, export_accuracy=export_accuracy,
+                        adapter_accuracy=adapter_accuracy, disagreements=diffs[:10], reloaded_with=reloaded_with,
+                        dtype=dtype, seconds=round(time.perf_counter() - start, 1))
+
+
 def compare_to_adapter(export_model_dir: Path, items: list[dict], *, adapter: AdapterRef, base_model: str,
                        label_names: list[str], instruction: str, template: str, min_agreement: float,
                        reloaded_with: str, dtype: str, device: str, batch_size: int,
@@ -98,17 +133,8 @@ def compare_to_adapter(export_model_dir: Path, items: list[dict], *, adapter: Ad
     start = time.perf_counter()
     # classify_items takes its mode and batching from the spec; the items are passed to it directly.
     spec = ClassifySpec(dataset_id=1, mode="score", batch_size=batch_size, dtype=dtype, device=device)
-    key = _reference_key(adapter, base_model, items, label_names, instruction, template, dtype, device)
-    if key in _REFERENCE:  # exporting one adapter in several formats: its own labels are computed once
-        ref, ref_summary = _REFERENCE[key]
-        ctx.event(f"verify (adapter): reusing the adapter's labels on these {len(items)} articles")
-    else:
-        ref_engine = get_engine(base_model, dtype=dtype, device=device)
-        ref, ref_summary = _classify(ref_engine, items, adapter=adapter, model_ref=base_model,
-                                     label_names=label_names, instruction=instruction, template=template, spec=spec,
-                                     ctx=ctx, what="adapter")
-        _REFERENCE.clear()
-        _REFERENCE[key] = (ref, ref_summary)
+    ref, ref_summary = _reference_labels(items, adapter=adapter, base_model=base_model, label_names=label_names,
+                                         instruction=instruction, template=template, spec=spec, ctx=ctx)
     engine = InferenceEngine(str(export_model_dir), dtype=dtype, device=device)  # not cached: used once
     try:
         got, got_summary = _classify(engine, items, adapter=None, model_ref=str(export_model_dir),
@@ -116,15 +142,39 @@ def compare_to_adapter(export_model_dir: Path, items: list[dict], *, adapter: Ad
                                      ctx=ctx, what=reloaded_with)
     finally:
         del engine
-    ids = [iid for iid in ref if ref[iid] is not None]
-    same = [iid for iid in ids if got.get(iid) == ref[iid]]
-    agreement = len(same) / len(ids) if ids else 0.0
-    diffs = [{"item_id": iid, "adapter": ref[iid], "export": got.get(iid)} for iid in ids if got.get(iid) != ref[iid]]
-    return Verification(n=len(ids), agreement=round(agreement, 4), min_agreement=min_agreement,
-                        passed=bool(ids) and agreement >= min_agreement,
-                        export_accuracy=got_summary.get("accuracy"), adapter_accuracy=ref_summary.get("accuracy"),
-                        disagreements=diffs[:10], reloaded_with=reloaded_with, dtype=dtype,
-                        seconds=round(time.perf_counter() - start, 1))
+    return _verification(ref, got, export_accuracy=got_summary.get("accuracy"),
+                         adapter_accuracy=ref_summary.get("accuracy"), min_agreement=min_agreement,
+                         reloaded_with=reloaded_with, dtype=dtype, start=start)
+
+
+def compare_gguf_in_llamacpp(gguf_path: Path, tokenizer_ref: Path, items: list[dict], *, adapter: AdapterRef,
+                             base_model: str, label_names: list[str], instruction: str, template: str,
+                             min_agreement: float, quant: str, dtype: str, device: str, batch_size: int,
+                             threads: int | None, ctx: JobContext) -> Verification:
+    """Classify `items` with the adapter path and with the GGUF file in llama.cpp itself; compare.
+
+    The GGUF runs as its users run it (llama.cpp, through llama-cpp-python), with newslora's token ids,
+    the shared prefix's KV cache reused and the label read from the logits (workers/export/llamacpp.py).
+    """
+    start = time.perf_counter()
+    spec = ClassifySpec(dataset_id=1, mode="score", batch_size=batch_size, dtype=dtype, device=device)
+    ref, ref_summary = _reference_labels(items, adapter=adapter, base_model=base_model, label_names=label_names,
+                                         instruction=instruction, template=template, spec=spec, ctx=ctx)
+    how = f"llama.cpp (llama-cpp-python {llamacpp_version()}, {quant})"
+    ctx.event(f"verify ({how}): loading {gguf_path.name}")
+    clf = LlamaCppClassifier(gguf_path, tokenizer_ref, template=template, instruction=instruction,
+                             label_names=label_names, threads=threads)
+    try:
+        got: dict[str, str | None] = {}
+        step = max(1, len(items) // 10)
+        for i in range(0, len(items), step):
+            ctx.check_cancel()
+            got.update(clf.classify(items[i:i + step]))
+            ctx.progress(len(got), len(items), message=f"verify ({how}): classified")
+    finally:
+        clf.close()
+    return _verification(ref, got, export_accuracy=_accuracy(items, got), adapter_accuracy=ref_summary.get("accuracy"),
+                         min_agreement=min_agreement, reloaded_with=how, dtype=f"gguf {quant}", start=start)
 
 
 def reload_gguf_as_checkpoint(gguf_dir: Path, gguf_name: str, target: Path) -> Path:

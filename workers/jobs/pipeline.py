@@ -60,6 +60,10 @@ def stages_for(spec: PipelineSpec) -> list[Stage]:
         Stage("prep", "prep", [], lambda r: spec.prep.model_dump(mode="json"), reuse=_reuse_dataset),
         Stage("train", "train", ["prep"], lambda r: spec.train_spec(ds(r)),
               reuse=_reuse_adapter if spec.reuse_adapter else None),
+    ]
+    if spec.until == "train":
+        return st
+    st += [
         Stage("classify_base", "classify", ["prep"], lambda r: spec.score_spec(ds(r))),
         Stage("classify_adapter", "classify", ["train"], lambda r: spec.score_spec(ds(r), ad(r))),
     ]
@@ -222,6 +226,10 @@ def _advance(pipeline_id: int) -> str:
 
     done = sum(1 for st in stages if st.name in state)
     _save_state(pipeline_id, state, progress=done / len(stages))
+    if spec.until == "train" and "train" in state:
+        _finish(pipeline_id, "succeeded", state, result_extra={
+            "dataset_id": state["prep"].get("dataset_id"), "adapter_id": state["train"].get("adapter_id")})
+        return "succeeded"
     if "evaluate" in state:
         ev = state["evaluate"]
         _finish(pipeline_id, "succeeded", state, result_extra={

@@ -258,11 +258,12 @@ def test_merged_export_loads_with_transformers_alone_and_passes_its_check(tiny_m
 
 
 def test_gguf_export_with_modelfile_passes_its_check(tiny_adapter, tiny_dataset, tmp_path):
-    result, _ = _export(tiny_adapter, tiny_dataset, tmp_path / "gguf", format="gguf", quant="f16", name="news")
+    result, _ = _export(tiny_adapter, tiny_dataset, tmp_path / "gguf", format="gguf", quant="f16", name="news",
+                        gguf_loader="transformers")
     out = Path(result["path"])
     v = result["verification"]
     assert v["passed"] and v["n"] == N_TEST and v["agreement"] >= 0.99
-    assert v["reloaded_with"] == "transformers gguf_file= (f16)"
+    assert v["reloaded_with"] == "transformers gguf_file= (f16)"  # asked for: the fallback where llama.cpp is missing
     assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "export.json", "news.f16.gguf"]
     modelfile = (out / "Modelfile").read_text()
     assert "FROM ./news.f16.gguf\n" in modelfile
@@ -280,7 +281,7 @@ def test_a_writer_without_the_qk_permutation_fails_the_check_and_keeps_nothing(t
     monkeypatch.setattr(writer, "llama_cpp_permute", lambda w, n_head, n_head_kv=None: w)
     with pytest.raises(ExportCheckFailed, match=r"labels equal to the adapter's on \d+\.\d+% of 24 articles "
                                                 r"\(needs 99%\); accuracy") as e:
-        _export(tiny_adapter, tiny_dataset, tmp_path / "bad", format="gguf")
+        _export(tiny_adapter, tiny_dataset, tmp_path / "bad", format="gguf", gguf_loader="transformers")
     assert e.value.verification["agreement"] < 0.99
     assert list(tmp_path.iterdir()) == []  # no export folder, no temp folder, no verification scratch
 

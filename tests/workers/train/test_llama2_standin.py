@@ -164,7 +164,7 @@ def _seconds_overrides(model_dir: Path, backend: str) -> list[str]:
     Everything else is the preset's: LoRA on q/k/v/o rank 8 alpha 16 dropout 0.05, the cosine schedule,
     max_seq_len 256, and generation with the reference settings (30 new tokens, repetition penalty 1.2).
     The judge stage is skipped (judge=null): the preset's judge is DeepSeek-R1 through an Ollama server,
-    which CI does not run; the local judge is exercised by tests/workers/test_pipeline.py.
+    which CI does not run; the local judge is exercised by tests/workers/jobs/test_pipeline.py.
     """
     return [
         f"model={model_dir}",

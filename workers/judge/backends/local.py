@@ -112,8 +112,8 @@ class LocalJudge:
         """Probability scoring of a batch: the expected score per scale, its spread and the digit mass."""
         import torch  # lazy: torch (see score_distribution)
 
-        from workers.modeling.forward import prefix_kv
-        from workers.modeling.next_token import common_prefix, next_token_probs
+        from workers.modeling.forward import prefix_kv  # lazy: torch, as above
+        from workers.modeling.next_token import common_prefix, next_token_probs  # lazy: torch, as above
 
         prompts = [self._prompt_ids(self.rubric.messages(it)) for it in items]
         conts: list[list[int]] = []
