@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from api.deps import Caller, CallerDep, SessionDep
 from api.routers.links import link
 from api.submission import check_submission, refuse_oversized
-from api.schemas import (IDEMPOTENCY_KEY_PATTERN, MAX_ID, ROW_ERRORS, EventOut, JobCreate, JobKind, JobList, JobOut,
+from api.schemas import (IDEMPOTENCY_KEY_PATTERN, MAX_ID, ROW_ERRORS, EventOut, JobCreate, JobKind, JobOut,
                          JobStatus, JobSummary, JobSummaryList, Offset, PredictionOut, PredictionPage, RowId,
                          errors)
 from broker.app import enqueue, enqueue_advance

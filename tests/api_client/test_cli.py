@@ -117,7 +117,7 @@ def test_prep_of_a_csv_with_its_own_labels_and_clear_errors(cli_env, tmp_path):
     # A key at the wrong level: refused before anything starts, with the nested key to use.
     r = newslora(cli_env, "prep", str(f), "text_columns=[body]")
     assert (r.returncode, r.stderr) == (
-        2, "newslora: unknown key text_columns; did you mean train.text_columns or test.text_columns?\n")
+        2, "newslora: unknown key text_columns; did you mean train.text_columns or test.text_columns or validation.text_columns?\n")
     # Overrides after options; 15 string labels, no label_names: taken from the data, sorted.
     r = newslora(cli_env, "prep", str(f), "--name", "topics", "validation_fraction=0", "--timeout", "120",
                  timeout=180)

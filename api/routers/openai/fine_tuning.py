@@ -477,7 +477,8 @@ def _metadata_filter(request: Request) -> dict[str, str]:
     return out
 
 
-@router.get("/jobs", response_model=FineTuningJobList, responses=openai_errors(401, 422, 503))
+@router.get("/jobs", response_model=FineTuningJobList, responses=openai_errors(401, 422, 503),
+            openapi_extra=link("200", to=FT_JOB_OPERATIONS, fine_tuning_job_id="$response.body#/data/0/id"))
 def list_fine_tuning_jobs(request: Request, session: SessionDep, caller: CallerDep, after: After = None,
                           limit: int = Query(20, ge=1, le=100)) -> FineTuningJobList:
     rows, more = ftq.list_fine_tuning_jobs(session=session, owner_id=caller.owner_filter, after=after, limit=limit,

@@ -63,12 +63,14 @@ def retrieve_model(model: str, session: SessionDep, caller: CallerDep) -> dict:
 
 @router.delete("/{model}", response_model=ModelDeleted, responses=openai_errors(401, 403, 404, 422, 503))
 def delete_model(model: str, session: SessionDep, caller: CallerDep) -> dict:
-    """Delete a fine-tune (its registration; the adapter's files stay for jobs that use them): its owner only."""
+    """Delete a fine-tune (its registration; the adapter's files stay for jobs that use them): its owner or an
+    admin."""
     served = resolve_model(model, session, caller)
     if served.adapter_id is None:
-        raise OpenAIError(403, f"{model} is a base model: only fine-tunes can be deleted", code="model_not_deletable")
-    if served.owner_id is None or served.owner_id != caller.user_id:
-        raise OpenAIError(403, f"only the owner of {model} may delete it", code="not_owner")
+        raise OpenAIError(403, f"{model} is a base model: only fine-tunes can be deleted", param="model",
+                          code="model_not_deletable")
+    if not caller.is_admin and (served.owner_id is None or served.owner_id != caller.user_id):
+        raise OpenAIError(403, f"only the owner of {model} (or an admin) may delete it", code="not_owner")
     art = resq.get_artifact(served.adapter_id, session=session)
     session.delete(art)
     session.commit()

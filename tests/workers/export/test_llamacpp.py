@@ -11,7 +11,7 @@ from core.specs.export import ExportSpec
 from workers.export import ExportCheckFailed, export_adapter
 from workers.export.llamacpp import LlamaCppClassifier, llamacpp_version
 from workers.inference.classify import clear_engines
-from tests.workers.export.test_export import INSTRUCTION, LABELS, N_TEST, tiny_adapter, tiny_dataset  # noqa: F401
+from tests.workers.export.conftest import INSTRUCTION, N_TEST
 
 pytestmark = pytest.mark.skipif(llamacpp_version() is None, reason="llama-cpp-python is not installed: "
                                 "`make install-llamacpp` (make test installs it)")
