@@ -18,8 +18,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from api_client import embedded
 from api_client.client import TERMINAL, ApiError, Client, WaitTimeout
+from api_client.embedded import ensure_running
 from api_client.pipeline_config import ConfigError, apply_overrides, load_pipeline_config
+from core.specs import SPECS
+from core.specs.keys import error_lines
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -32,7 +36,6 @@ def _console():
 
 
 def _client(args: argparse.Namespace) -> Client:
-    from api_client.embedded import ensure_running
     if not getattr(args, "no_start", False):
         ensure_running()
     return Client()
@@ -57,7 +60,6 @@ class _IntermixedParser(argparse.ArgumentParser):
 
 
 def _spec_model(kind: str | None):
-    from core.specs import SPECS
     return SPECS.get(kind or "")
 
 
@@ -69,7 +71,6 @@ def _print_usage_error(e: ConfigError) -> int:
 
 def _print_api_error(e: ApiError, kind: str | None) -> int:
     """An API error on stderr: a 422's validation errors one `field: message` line each, never raw JSON."""
-    from core.specs.keys import error_lines
     status = f" (HTTP {e.status})" if e.status else ""
     if isinstance(e.detail, list) and all(isinstance(d, dict) for d in e.detail):
         for line in error_lines(e.detail, _spec_model(kind)):
@@ -162,7 +163,6 @@ def _print_job(job: dict[str, Any], client: Client, *, events: int = 15) -> None
 # ---------------------------------------------------------------- commands
 
 def cmd_up(args) -> int:
-    from api_client import embedded
     if args.foreground:
         import subprocess
         procs = [subprocess.Popen(c) for c in embedded.commands().values()]
@@ -182,20 +182,18 @@ def cmd_up(args) -> int:
 
 
 def cmd_down(args) -> int:
-    from api_client import embedded
     stopped = embedded.stop()
     print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
     return 0
 
 
 def cmd_status(args) -> int:
-    from api_client import embedded
     print(json.dumps({"processes": embedded.status(), "api_up": embedded.api_up()}, indent=2))
     return 0
 
 
 def cmd_db(args) -> int:
-    from db.session import init_db
+    from db.session import init_db  # lazy: SQLAlchemy and Alembic, only for `newslora db upgrade`
     init_db()
     print("database is at the latest migration")
     return 0

@@ -7,6 +7,8 @@ from typing import Any, Callable, Iterator
 
 import httpx
 
+from core.settings import get_settings
+
 TERMINAL = ("succeeded", "failed", "cancelled")
 # Hosts that name this machine's API as the CLI's own (the embedded one, or one started beside it).
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
@@ -29,7 +31,6 @@ class Client:
     """`Client()` talks to NEWSLORA_API_URL (or the embedded API on 127.0.0.1:8765)."""
 
     def __init__(self, base_url: str | None = None, *, token: str | None = None, timeout: float = 30.0):
-        from core.settings import get_settings
         s = get_settings()
         self.base_url = (base_url or s.resolved_api_url).rstrip("/")
         token = token if token is not None else s.api_token
