@@ -267,24 +267,30 @@ JUDGE = {"dialogue": True, "answer_max_new_tokens": 4, "sample": 4, "retries": 1
 @pytest.mark.slow
 def test_judge_server_refusing_hanging_or_failing_items_unscored_and_evaluation_completes(rel_stack_factory,
                                                                                           tiny_model_dir):
+    import json
+    from contextlib import ExitStack
     from tests.fakes.ollama_server import DEFAULT_REPLY, FakeOllama
     from tests.reliability.services import free_port
-    st = rel_stack_factory()
-    st.start_api()
-    st.start_worker()
-    c = st.client()
-    model = str(tiny_model_dir)
-    items = [{**it, "label": ["World", "Sports", "Business", "Sci/Tech"][i % 4]}
-             for i, it in enumerate(_news_items(8))]
-    cj = c.wait(c.submit_classify({"items": items, "model": model, "dtype": "fp32", "device": "cpu"})["id"],
-                timeout=120)
-    assert cj["status"] == "succeeded", cj["error"]
+    with ExitStack() as servers:
+        hanging, failing, flaky, dying = (servers.enter_context(f) for f in (
+            FakeOllama(delay_s=4), FakeOllama(fail_first=10**6), FakeOllama(fail_first=2), FakeOllama()))
+        nobody = f"http://127.0.0.1:{free_port()}"
+        # The judge may call only the endpoints the server allows (NEWSLORA_JUDGE_URLS): these fakes' ports.
+        allowed = [hanging.url, failing.url, flaky.url, dying.url, nobody]
+        st = rel_stack_factory(NEWSLORA_JUDGE_URLS=json.dumps(allowed))
+        st.start_api()
+        st.start_worker()
+        c = st.client()
+        model = str(tiny_model_dir)
+        items = [{**it, "label": ["World", "Sports", "Business", "Sci/Tech"][i % 4]}
+                 for i, it in enumerate(_news_items(8))]
+        cj = c.wait(c.submit_classify({"items": items, "model": model, "dtype": "fp32", "device": "cpu"})["id"],
+                    timeout=120)
+        assert cj["status"] == "succeeded", cj["error"]
 
-    def judge(fake_url: str, **over) -> dict:
-        return c.wait(c.submit_judge({**JUDGE, "model": model, "host": fake_url, **over})["id"], timeout=120)
+        def judge(fake_url: str, **over) -> dict:
+            return c.wait(c.submit_judge({**JUDGE, "model": model, "host": fake_url, **over})["id"], timeout=120)
 
-    with FakeOllama(delay_s=4) as hanging, FakeOllama(fail_first=10**6) as failing, \
-            FakeOllama(fail_first=2) as flaky, FakeOllama() as dying:
         served = []
 
         def reply_then_die(_body):  # answers one chat, then stops listening: later ones are refused
@@ -296,7 +302,7 @@ def test_judge_server_refusing_hanging_or_failing_items_unscored_and_evaluation_
         hung, failed, recovered = judge(hanging.url), judge(failing.url), judge(flaky.url, retries=2)
         died = judge(dying.url, concurrency=1)
         assert failing.chats == 4 * 2  # each item tried 1 + retries times, no more
-    refused = judge(f"http://127.0.0.1:{free_port()}")
+    refused = judge(nobody)
 
     for job, kind in ((hung, "did not answer in time"), (failed, "500"), (died, "")):
         assert job["status"] == "succeeded", job["error"]
