@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import json
 import math
-import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from core.contracts.prediction import PredictionRow
+from core.ids import new_id
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
@@ -280,10 +280,6 @@ def _token(label: str, lp: float) -> dict[str, Any]:
     return {"token": label, "logprob": lp, "bytes": list(label.encode("utf-8"))}
 
 
-def new_id(prefix: str) -> str:
-    return f"{prefix}{secrets.token_hex(12)}"
-
-
 def answer_text(row: PredictionRow) -> str:
     return row.label if row.label is not None else (row.response or "")
 
@@ -346,7 +342,7 @@ def row_status(row: PredictionRow) -> int:
 def output_line(custom_id: str, status_code: int, body: dict[str, Any]) -> dict[str, Any]:
     """A line of a batch's output (status 200) or error file (a request that ran and failed)."""
     return {"id": new_id("batch_req_"), "custom_id": custom_id,
-            "response": {"status_code": status_code, "request_id": secrets.token_hex(12), "body": body},
+            "response": {"status_code": status_code, "request_id": new_id(""), "body": body},
             "error": None}
 
 

@@ -4,12 +4,12 @@ Each query takes the session as a keyword; the caller commits.
 """
 from __future__ import annotations
 
-import secrets
 from typing import Any, Sequence
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from core.ids import new_id
 from db.models import Batch, Prediction
 from db.results import prediction_job_ids
 
@@ -17,7 +17,7 @@ BATCH_ID_PREFIX = "batch_"
 
 
 def new_batch_id() -> str:
-    return BATCH_ID_PREFIX + secrets.token_hex(12)
+    return new_id(BATCH_ID_PREFIX)
 
 
 def add_batch(*, session: Session, **fields: Any) -> Batch:

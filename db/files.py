@@ -4,24 +4,23 @@ Each query takes the session as a keyword; the caller commits.
 """
 from __future__ import annotations
 
-import secrets
 from typing import Sequence
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from core.ids import is_id, new_id
 from db.models import StoredFile
 
 FILE_ID_PREFIX = "file-"
 
 
 def new_file_id() -> str:
-    return FILE_ID_PREFIX + secrets.token_hex(12)
+    return new_id(FILE_ID_PREFIX)
 
 
 def is_file_id(value: str) -> bool:
-    return value.startswith(FILE_ID_PREFIX) and len(value) == len(FILE_ID_PREFIX) + 24 and \
-        all(c in "0123456789abcdef" for c in value[len(FILE_ID_PREFIX):])
+    return is_id(value, FILE_ID_PREFIX)
 
 
 def add_file(*, session: Session, file_id: str, owner_id: int | None, filename: str, purpose: str, size: int,

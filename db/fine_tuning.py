@@ -3,19 +3,19 @@
 """
 from __future__ import annotations
 
-import secrets
 from typing import Any, Sequence
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from core.ids import new_id
 from db.models import FineTuningJob
 
 FT_JOB_ID_PREFIX = "ftjob-"
 
 
 def new_fine_tuning_job_id() -> str:
-    return FT_JOB_ID_PREFIX + secrets.token_hex(12)
+    return new_id(FT_JOB_ID_PREFIX)
 
 
 def add_fine_tuning_job(*, session: Session, **fields: Any) -> FineTuningJob:

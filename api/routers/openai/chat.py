@@ -19,7 +19,8 @@ from api.routers.openai.errors import OpenAIError, openai_errors
 from api.routers.openai.serving import (cancel_job, classify_spec, generation_options, resolve_model,
                                         submit_classify, wait_job)
 from core.contracts.prediction import PredictionRow
-from core.openai_shapes import CHAT, COMPLETIONS, RequestError, new_id, parse_request, response_body, row_status
+from core.ids import new_id
+from core.openai_shapes import CHAT, COMPLETIONS, RequestError, parse_request, response_body, row_status
 from core.settings import get_settings
 from db import results as resq
 
