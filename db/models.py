@@ -267,4 +267,21 @@ class FineTuningJob(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
 
 
+class IdempotencyKey(Base):
+    """A `/v1` request made with an `Idempotency-Key` header: the object it created, and a fingerprint of the
+    request, so that a retry with the same key gets that object and the same key on another request is
+    refused. Keys are per owner and per route (`scope`)."""
+
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (UniqueConstraint("owner_id", "scope", "key", name="uq_idempotency_owner_scope_key"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    scope: Mapped[str] = mapped_column(String(32))  # "files", "batches", "fine_tuning"
+    key: Mapped[str] = mapped_column(String(200))
+    fingerprint: Mapped[str] = mapped_column(String(64))  # sha256 of the request
+    object_id: Mapped[str] = mapped_column(String(40))
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
 Index("ix_jobs_kind_status", Job.kind, Job.status)

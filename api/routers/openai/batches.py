@@ -14,18 +14,21 @@ from typing import Literal
 
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from api.deps import Caller, CallerDep, SessionDep
 from api.routers.links import link
 from api.routers.openai.errors import OpenAIError, openai_errors
 from api.routers.openai.files import file_or_404, store_output_file
+from api.routers.openai.idempotency import IdempotencyKeyHeader, fingerprint, remember, replayed
 from api.routers.openai.pages import cursor_page
 from api.routers.openai.serving import (cancel_job, classify_spec, epoch, generation_options, resolve_model,
                                         submit_classify)
 from core import filestore
 from core.openai_shapes import (ENDPOINTS, AnswerOptions, error_line, jsonl, parse_batch, prediction_line)
 from db import batches as batchq
+from db import idempotency as keyq
 from db import results as resq
 from db.models import TERMINAL, Batch, Job, utcnow
 
@@ -185,15 +188,28 @@ def _fail_at_validation(b: Batch, code: str, message: str, line: int | None = No
 
 @router.post("", response_model=BatchOut, responses=openai_errors(400, 401, 404, 422, 503),
              openapi_extra=link("200", to=BATCH_OPERATIONS, batch_id="$response.body#/id"))
-def create_batch(body: BatchCreate, session: SessionDep, caller: CallerDep) -> dict:
+def create_batch(body: BatchCreate, session: SessionDep, caller: CallerDep,
+                 idempotency_key: IdempotencyKeyHeader = None) -> dict:
     """Start a batch over an uploaded JSONL of requests (`{custom_id, method, url, body}` a line).
 
     A batch whose file holds no valid request, or names a model that is not there, is created `failed`
-    with its `errors`; a bad line alone goes to the error file with its number."""
+    with its `errors`; a bad line alone goes to the error file with its number. With an `Idempotency-Key`,
+    the same request again answers the first batch (one classify job, whatever the retries)."""
+    fp = fingerprint(body.model_dump(mode="json"))
+    if (first := replayed(idempotency_key, "batches", fp, caller, session)) is not None:
+        return batch_out(refresh(batch_or_404(first, session, caller), session))
     f = file_or_404(body.input_file_id, session, caller, param="input_file_id")
     b = batchq.add_batch(session=session, owner_id=caller.user_id, endpoint=body.endpoint,
                          completion_window=body.completion_window, input_file_id=f.id, status="validating",
                          batch_metadata=body.metadata, total=0, completed=0, failed=0)
+    try:
+        remember(idempotency_key, "batches", fp, b.id, caller, session)
+    except IntegrityError:  # a concurrent request with the same key made the batch: answer it
+        session.rollback()
+        first = replayed(idempotency_key, "batches", fp, caller, session)
+        if first is None:
+            raise
+        return batch_out(refresh(batch_or_404(first, session, caller), session))
     try:
         text = filestore.file_path(f.id).read_bytes().decode("utf-8-sig")
     except (OSError, UnicodeDecodeError) as e:
@@ -228,6 +244,7 @@ def create_batch(body: BatchCreate, session: SessionDep, caller: CallerDep) -> d
     try:
         job = submit_classify(spec, session, caller)
     except OpenAIError:
+        keyq.forget_object(session=session, scope="batches", object_id=b.id)
         session.delete(b)
         session.commit()
         filestore.remove(f"{b.id}.items.jsonl")

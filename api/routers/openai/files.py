@@ -10,15 +10,18 @@ from typing import Literal
 from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.responses import FileResponse, Response
 from pydantic import BaseModel
+from sqlalchemy.exc import IntegrityError
 
 from api.deps import CallerDep, SessionDep
 from api.routers.links import link
 from api.routers.openai.errors import OpenAIError, openai_errors
+from api.routers.openai.idempotency import IdempotencyKeyHeader, fingerprint, remember, replayed
 from api.routers.openai.pages import cursor_page
 from api.routers.openai.serving import epoch
 from core import filestore
 from core.settings import get_settings
 from db import files as fileq
+from db import idempotency as keyq
 from db.models import StoredFile
 
 router = APIRouter(prefix="/v1/files", tags=["openai"])
@@ -81,8 +84,11 @@ def store_output_file(*, session, owner_id: int | None, filename: str, purpose: 
 @router.post("", response_model=FileObject, responses=openai_errors(400, 401, 413, 422, 503),
              openapi_extra=link("200", to=FILE_OPERATIONS, file_id="$response.body#/id"))
 def upload_file(session: SessionDep, caller: CallerDep, file: UploadFile = File(...),
-                purpose: Literal[UPLOAD_PURPOSES] = Form(...)) -> dict:  # type: ignore[valid-type]
-    """Upload a file (multipart: `file`, `purpose`): a batch's requests (JSONL), fine-tuning data, a dataset."""
+                purpose: Literal[UPLOAD_PURPOSES] = Form(...),  # type: ignore[valid-type]
+                idempotency_key: IdempotencyKeyHeader = None) -> dict:
+    """Upload a file (multipart: `file`, `purpose`): a batch's requests (JSONL), fine-tuning data, a dataset.
+
+    With an `Idempotency-Key`, the same upload again answers the first file (its bytes are not kept twice)."""
     file_id = fileq.new_file_id()
     chunks = iter(lambda: file.file.read(1 << 20), b"")
     try:
@@ -90,10 +96,26 @@ def upload_file(session: SessionDep, caller: CallerDep, file: UploadFile = File(
     except filestore.FileTooLarge as e:
         raise OpenAIError(413, str(e), param="file") from None
     name = (file.filename or "upload").replace("/", "_")[:255] or "upload"
-    f = fileq.add_file(session=session, file_id=file_id, owner_id=caller.user_id, filename=name, purpose=purpose,
-                       size=stored.size, sha256=stored.sha256, path=str(stored.path))
-    session.commit()
-    return file_object(f)
+    fp = fingerprint(purpose, name, stored.sha256)
+    try:
+        first = replayed(idempotency_key, "files", fp, caller, session)
+        if first is None:
+            f = fileq.add_file(session=session, file_id=file_id, owner_id=caller.user_id, filename=name,
+                               purpose=purpose, size=stored.size, sha256=stored.sha256, path=str(stored.path))
+            remember(idempotency_key, "files", fp, f.id, caller, session)
+            session.commit()
+            return file_object(f)
+    except IntegrityError:  # a concurrent upload with the same key won: answer its file
+        session.rollback()
+        filestore.remove(file_id)
+        first = replayed(idempotency_key, "files", fp, caller, session)
+        if first is None:
+            raise
+    except BaseException:
+        filestore.remove(file_id)
+        raise
+    filestore.remove(file_id)  # the same upload again: the first file answers
+    return file_object(file_or_404(first, session, caller))
 
 
 @router.get("", response_model=FileList, responses=openai_errors(401, 422, 503),
@@ -128,6 +150,7 @@ def file_content(file_id: str, session: SessionDep, caller: CallerDep) -> FileRe
 def delete_file(file_id: str, session: SessionDep, caller: CallerDep) -> dict:
     f = file_or_404(file_id, session, caller)
     fileq.delete_file(f, session=session)
+    keyq.forget_object(session=session, scope="files", object_id=f.id)  # its key may make a new file now
     session.commit()
     filestore.remove(f.id)
     return {"id": file_id, "object": "file", "deleted": True}

@@ -18,14 +18,16 @@ import pathlib
 from datetime import datetime, timedelta, timezone
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Header, Path, Query, Request
+from fastapi import APIRouter, Path, Query, Request
 from kombu.exceptions import OperationalError as BrokerError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from api.data_roots import refuse_disallowed_paths
 from api.deps import Caller, CallerDep, SessionDep
 from api.routers.openai.errors import OpenAIError, openai_errors
+from api.routers.openai.idempotency import IdempotencyKeyHeader, fingerprint, remember, replayed
 from api.routers.openai.naming import MAX_SUFFIX, adapter_id_from_model, fine_tuned_model_name
 from api.routers.links import link
 from api.routers.openai.pages import cursor_page
@@ -40,6 +42,7 @@ from core.specs.train import TrainSpec
 from core.version import code_version
 from db import files as fileq
 from db import fine_tuning as ftq
+from db import idempotency as keyq
 from db import jobs as jobq
 from db import results as resq
 from db.models import TERMINAL, FineTuningJob, Job, JobEvent, StoredFile
@@ -411,14 +414,10 @@ FT_JOB_OPERATIONS = {"job": ("GET", "/v1/fine_tuning/jobs/{fine_tuning_job_id}")
 @router.post("/jobs", response_model=FineTuningJobOut, responses=openai_errors(400, 401, 403, 409, 422, 503),
              openapi_extra=link("200", to=FT_JOB_OPERATIONS, fine_tuning_job_id="$response.body#/id"))
 def create_fine_tuning_job(body: FineTuningJobCreate, session: SessionDep, caller: CallerDep,
-                           idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", min_length=1,
-                                                                         max_length=150)] = None
-                           ) -> FineTuningJobOut:
-    key = f"openai-ft:{caller.user_id}:{idempotency_key}" if idempotency_key else None
-    if key and (first := jobq.find_by_idempotency_key(key, session=session)) is not None:
-        ft = ftq.fine_tuning_job_of_pipeline(first.id, session=session)
-        if ft is not None:
-            return _view(ft, session).out()
+                           idempotency_key: IdempotencyKeyHeader = None) -> FineTuningJobOut:
+    fp = fingerprint(body.model_dump(mode="json"))
+    if (first := replayed(idempotency_key, "fine_tuning", fp, caller, session)) is not None:
+        return _view(_ft_or_404(first, caller, session), session).out()
     _check_model(body.model)
     train_file = _fine_tune_file(body.training_file, "training_file", caller, session)
     train_fmt = _format_of(train_file, "training_file")
@@ -446,18 +445,26 @@ def create_fine_tuning_job(body: FineTuningJobCreate, session: SessionDep, calle
                                          for err in e.errors(include_url=False)), code="invalid_hyperparameters")
     refuse_disallowed_paths(spec, caller)
     job = jobq.create_job(session=session, kind="pipeline", queue=QUEUES["pipeline"],
-                          spec=spec.model_dump(mode="json"), idempotency_key=key, code_version=code_version(),
-                          owner_id=caller.user_id)
+                          spec=spec.model_dump(mode="json"), code_version=code_version(), owner_id=caller.user_id)
     ft = ftq.add_fine_tuning_job(
         session=session, owner_id=caller.user_id, job_id=job.id, model=body.model, training_file=train_file.id,
         validation_file=valid[0].id if valid else None, suffix=body.suffix, seed=seed,
         hyperparameters=hp.model_dump(), job_metadata=body.metadata,
         method={"type": "supervised", "supervised": {"hyperparameters": hp.model_dump()}})
     jobq.add_event(job.id, f"Created fine-tuning job: {ft.id}", session=session)
-    session.commit()
+    try:
+        remember(idempotency_key, "fine_tuning", fp, ft.id, caller, session)
+        session.commit()
+    except IntegrityError:  # a concurrent request with the same key made the job: answer it
+        session.rollback()
+        first = replayed(idempotency_key, "fine_tuning", fp, caller, session)
+        if first is None:
+            raise
+        return _view(_ft_or_404(first, caller, session), session).out()
     try:  # commit, then enqueue; if the broker is down, take the rows back
         enqueue(job.id, "pipeline", QUEUES["pipeline"])
     except (BrokerError, OSError) as e:
+        keyq.forget_object(session=session, scope="fine_tuning", object_id=ft.id)
         session.delete(ft)
         session.delete(job)
         session.commit()

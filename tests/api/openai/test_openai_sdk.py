@@ -7,109 +7,19 @@ from __future__ import annotations
 import json
 import math
 import time
-from pathlib import Path
 
 import httpx
 import pytest
-import torch
 
-from tests.conftest import AG_NEWS_DIR
-
-LABELS = ["World", "Sports", "Business", "Sci/Tech"]
-TOKEN = "openai-sdk-test-token"
-
-
-def _tiny_adapter(base_dir: Path, out: Path) -> Path:
-    """A seeded LoRA adapter on the tiny model with the newslora.json training writes (as training would)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-    from core.contracts.adapter import AdapterMeta
-    from workers.modeling.prompts import default_instruction
-    from workers.modeling.registry import model_digest
-    torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                 init_lora_weights=False))
-    peft_model.save_pretrained(out)
-    AdapterMeta(template="alpaca", instruction=default_instruction(LABELS), label_names=LABELS,
-                base_model=str(base_dir), base_model_digest=model_digest(base_dir)).save(out)
-    return out
-
-
-def _articles(n: int) -> list[str]:
-    with (AG_NEWS_DIR / "train.jsonl").open(encoding="utf-8") as fh:
-        return [json.loads(line)["text"] for _, line in zip(range(n), fh)]
-
-
-def _chat_line(custom_id: str, model: str, text: str, **extra) -> str:
-    body = {"model": model, "messages": [{"role": "user", "content": text}], "guided_choice": LABELS,
-            "logprobs": True, "top_logprobs": 4, **extra}
-    return json.dumps({"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "body": body})
-
-
-# Its own Redis database: a worker of another test session on the shared one would take these tasks.
-REDIS_URL = "redis://127.0.0.1:6379/12"
-
-
-@pytest.fixture
-def redis_url():
-    import redis
-    r = redis.Redis.from_url(REDIS_URL)
-    try:
-        r.flushdb()
-    except redis.exceptions.ConnectionError as e:
-        pytest.fail(f"Redis at {REDIS_URL} is needed for this test ({e})")
-    yield REDIS_URL
-    r.flushdb()
-
-
-@pytest.fixture
-def stack(stack_factory, pg_url, redis_url, tiny_model_dir, tmp_path):
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.orm import Session
-    from db.models import ModelArtifact
-    eng = create_engine(pg_url.replace("postgresql://", "postgresql+psycopg://"))
-    with eng.begin() as c:
-        c.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
-    st = stack_factory(database_url=pg_url, broker_url=redis_url, NEWSLORA_VISIBILITY_TIMEOUT_S="5",
-                       NEWSLORA_API_TOKEN=TOKEN, NEWSLORA_MODEL_ROOTS=json.dumps([str(Path(tiny_model_dir).parent)]))
-    st.start_api()  # migrates the store
-    st.start_worker()
-    adapter_dir = _tiny_adapter(tiny_model_dir, tmp_path / "adapter")
-    with Session(eng) as s, s.begin():
-        art = ModelArtifact(kind="adapter", name="tiny-lora", base_model=str(tiny_model_dir), path=str(adapter_dir),
-                            spec={"suffix": "agnews"})
-        s.add(art)
-        s.flush()
-        st.adapter_id = art.id
-    eng.dispose()
-    return st
-
-
-def _wait_batch(client, batch_id: str, *, timeout: float = 240, until=("completed", "failed", "cancelled")):
-    seen = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        b = client.batches.retrieve(batch_id)
-        seen.append(b.request_counts.completed)
-        if b.status in until:
-            return b, seen
-        time.sleep(0.05)
-    raise AssertionError(f"batch {batch_id} still {b.status} after {timeout} s")
-
-
-def _lines(client, file_id: str | None) -> list[dict]:
-    if file_id is None:
-        return []
-    return [json.loads(x) for x in client.files.content(file_id).text.splitlines() if x.strip()]
+from tests.api.openai.conftest import LABELS, TOKEN, articles, chat_line, lines_of, sdk, wait_batch
 
 
 @pytest.mark.slow
 @pytest.mark.redis
 @pytest.mark.postgres
 def test_the_official_sdk_drives_files_batches_models_and_chat(stack, tiny_model_dir, tmp_path):
-    from openai import NotFoundError, OpenAI
-    client = OpenAI(base_url=f"{stack.url}/v1", api_key=TOKEN, max_retries=0)
+    from openai import NotFoundError
+    client = sdk(stack)
 
     # Models: the bases and the fine-tune, named ft:<base>:newslora:<suffix>:<id>, its base as parent.
     models = {m.id: m for m in client.models.list()}
@@ -120,8 +30,8 @@ def test_the_official_sdk_drives_files_batches_models_and_chat(stack, tiny_model
         client.models.retrieve("ft:nope:newslora::999999")
 
     # A batch of 200 chat requests over the fine-tune's labels, with one malformed line and one with another url.
-    articles = _articles(200)
-    lines = [_chat_line(f"req-{i}", ft, a) for i, a in enumerate(articles)]
+    arts = articles(200)
+    lines = [chat_line(f"req-{i}", ft, a) for i, a in enumerate(arts)]
     lines.insert(10, "{not json")  # line 11
     lines.insert(20, json.dumps({"custom_id": "wrong-url", "method": "POST", "url": "/v1/embeddings", "body": {}}))
     path = tmp_path / "batch.jsonl"
@@ -135,14 +45,14 @@ def test_the_official_sdk_drives_files_batches_models_and_chat(stack, tiny_model
     batch = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h",
                                   metadata={"run": "sdk-test"})
     assert batch.status in ("validating", "in_progress") and batch.request_counts.total == 202
-    done, seen = _wait_batch(client, batch.id)
+    done, seen = wait_batch(client, batch.id)
     assert done.status == "completed", (done.errors, stack.log("worker")[-3000:])
     assert done.request_counts.completed == 200 and done.request_counts.failed == 2
     assert any(0 < c < 200 for c in seen), f"request_counts never moved while it ran: {seen[:50]}"
     assert done.metadata == {"run": "sdk-test"} and done.output_file_id and done.error_file_id
     assert batch.id in [b.id for b in client.batches.list()]
 
-    out = _lines(client, done.output_file_id)
+    out = lines_of(client, done.output_file_id)
     ids = [x["custom_id"] for x in out]
     assert sorted(ids) == sorted(f"req-{i}" for i in range(200))  # every request answered once
     labels = {}
@@ -157,13 +67,13 @@ def test_the_official_sdk_drives_files_batches_models_and_chat(stack, tiny_model
         assert abs(sum(math.exp(t["logprob"]) for t in top) - 1) < 1e-3
         assert choice["logprobs"]["content"][0]["logprob"] == top[0]["logprob"]
         labels[x["custom_id"]] = label
-    errs = {e["error"]["line"]: e for e in _lines(client, done.error_file_id)}
+    errs = {e["error"]["line"]: e for e in lines_of(client, done.error_file_id)}
     assert set(errs) == {11, 21} and errs[11]["error"]["code"] == "invalid_json"
     assert errs[21]["custom_id"] == "wrong-url" and "line 21" in errs[21]["error"]["message"]
 
     # The same articles through a native classify job with the same adapter: the same labels.
     h = {"Authorization": f"Bearer {TOKEN}"}
-    spec = {"items": [{"id": f"req-{i}", "text": a} for i, a in enumerate(articles)], "model": str(tiny_model_dir),
+    spec = {"items": [{"id": f"req-{i}", "text": a} for i, a in enumerate(arts)], "model": str(tiny_model_dir),
             "adapter_id": stack.adapter_id}
     job = httpx.post(f"{stack.url}/jobs", json={"kind": "classify", "spec": spec}, headers=h, timeout=30).json()
     c = stack.client()
@@ -172,29 +82,29 @@ def test_the_official_sdk_drives_files_batches_models_and_chat(stack, tiny_model
     assert native == labels
 
     # A synchronous chat completion for one article, with the label probabilities.
-    r = client.chat.completions.create(model=ft, messages=[{"role": "user", "content": articles[0]}],
+    r = client.chat.completions.create(model=ft, messages=[{"role": "user", "content": arts[0]}],
                                        logprobs=True, top_logprobs=4, extra_body={"guided_choice": LABELS})
     assert r.choices[0].message.content == labels["req-0"]
     assert len(r.choices[0].logprobs.content[0].top_logprobs) == 4
-    cr = client.completions.create(model=ft, prompt=[articles[0], articles[1]], logprobs=2)
+    cr = client.completions.create(model=ft, prompt=[arts[0], arts[1]], logprobs=2)
     assert [ch.text for ch in cr.choices] == [labels["req-0"], labels["req-1"]]
     assert len(cr.choices[0].logprobs.top_logprobs[0]) == 2
 
     # A second batch, cancelled midway: what ran is kept, the rest is in the error file, nothing twice.
-    more = _articles(800)
+    more = articles(800)
     path2 = tmp_path / "batch2.jsonl"
-    path2.write_text("\n".join(_chat_line(f"c-{i}", ft, a) for i, a in enumerate(more)) + "\n")
+    path2.write_text("\n".join(chat_line(f"c-{i}", ft, a) for i, a in enumerate(more)) + "\n")
     b2 = client.batches.create(input_file_id=client.files.create(file=path2.open("rb"), purpose="batch").id,
                                endpoint="/v1/chat/completions", completion_window="24h")
-    _wait_batch(client, b2.id, until=("in_progress",))
+    wait_batch(client, b2.id, until=("in_progress",))
     deadline = time.monotonic() + 120
     while client.batches.retrieve(b2.id).request_counts.completed == 0 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert client.batches.cancel(b2.id).status in ("cancelling", "cancelled")
-    b2, _ = _wait_batch(client, b2.id)
+    b2, _ = wait_batch(client, b2.id)
     assert b2.status == "cancelled", b2
-    kept = _lines(client, b2.output_file_id)
-    rest = _lines(client, b2.error_file_id)
+    kept = lines_of(client, b2.output_file_id)
+    rest = lines_of(client, b2.error_file_id)
     assert 0 < len(kept) < 800, len(kept)
     assert sorted(x["custom_id"] for x in kept + rest) == sorted(f"c-{i}" for i in range(800))
     assert {x["error"]["code"] for x in rest} == {"batch_cancelled"}
