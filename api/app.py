@@ -24,7 +24,7 @@ from starlette.routing import Match
 
 from api.dashboard import is_public_path as dashboard_public_path, router as dashboard_router
 from api.deps import authenticate
-from api.guards import body_limit, cross_site, host_allowed, secure_html
+from api.guards import body_too_large, body_limit, cross_site, host_allowed, secure_html
 from api.listen import is_loopback
 from api.routers.openai import batches as openai_batches, chat as openai_chat, files as openai_files
 from api.routers.openai import fine_tuning as openai_fine_tuning
@@ -78,7 +78,7 @@ class BodyLimit:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:  # FastAPI re-raises an HTTPException met while reading the body
-                    raise HTTPException(413, f"request body over {limit} bytes")
+                    raise HTTPException(413, body_too_large(limit))
             return message
         await self.app(scope, counted_receive, send)
 
@@ -125,7 +125,7 @@ async def guard(request: Request, call_next):
     limit = body_limit(request.url.path)
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
-        return error_response(request, 413, f"request body over {limit} bytes")
+        return error_response(request, 413, body_too_large(limit))
     return secure_html(await call_next(request))
 
 

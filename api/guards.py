@@ -68,6 +68,11 @@ def secure_html(response: Response) -> Response:
     return response
 
 
+def body_too_large(limit: int) -> str:
+    return (f"request body over {limit} bytes (NEWSLORA_MAX_BODY_BYTES): send a large input as an uploaded file "
+            f"(POST /files or /v1/files, streamed to disk) and name it by its id")
+
+
 def body_limit(path: str) -> int:
     """The most bytes a request body to `path` may have."""
     s = get_settings()

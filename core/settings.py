@@ -53,7 +53,9 @@ class Settings(BaseSettings):
     # A classify job with more items than this becomes shard child jobs on the gpu queue, so that every gpu
     # worker takes a part (workers/jobs/shards.py); a killed worker costs at most one shard's unsaved items.
     classify_shard_size: int = Field(default=4000, ge=1, alias="NEWSLORA_CLASSIFY_SHARD_SIZE")
-    max_body_bytes: int = Field(default=50 * 1024 * 1024, alias="NEWSLORA_MAX_BODY_BYTES")
+    # A JSON body is parsed whole (the largest, of tiny items, takes ~12x its size in memory: 8 MiB -> ~100 MB):
+    # 8 MiB holds NEWSLORA_MAX_INLINE_ITEMS news articles; anything bigger is an upload, streamed to disk.
+    max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024, alias="NEWSLORA_MAX_BODY_BYTES")
     # The torchtune backend's isolated environment (scripts/setup_torchtune_env.sh): a python executable,
     # else a venv folder, else the repository's .venv-torchtune.
     torchtune_python: Path | None = Field(default=None, alias="NEWSLORA_TORCHTUNE_PYTHON")

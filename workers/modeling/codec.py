@@ -202,6 +202,8 @@ class PromptCodec:
         if max_article_tokens < 1:
             raise ValueError(f"no room for the article: the prompt template alone fills the model's context "
                              f"(max article tokens {max_article_tokens}); use a model with a longer context")
+        if not texts:  # a fast tokenizer fails on an empty batch (IndexError); a dataset may have no validation
+            return []
         plen = len(self.prefix_text)
         P = len(self.prefix_ids)
         enc = self.tokenizer([self.prefix_text + t + self.tail_text for t in texts], add_special_tokens=True,

@@ -212,6 +212,15 @@ def test_loss_falls_and_the_adapter_loads_with_plain_peft(tiny_model_dir, datase
     assert (after - before).abs().max().item() > 1e-3
 
 
+def test_a_dataset_without_validation_records_trains_without_validating(tiny_model_dir, ag_news_dir, tmp_path):
+    """`validation_fraction=0` makes an empty validation split: training runs, no validation, no error (it
+    failed inside the tokenizer on an empty batch: IndexError)."""
+    ds = write_dataset(tmp_path / "ds", ag_news_dir, n_train=16, n_val=0)
+    result = train_adapter(tiny_spec(tiny_model_dir, max_steps=2, eval_every=1), ds, tmp_path / "run",
+                           LocalContext(work_dir=tmp_path))
+    assert result.steps == 2 and result.history == [] and (tmp_path / "run" / "adapter" / "newslora.json").is_file()
+
+
 @pytest.fixture(scope="module")
 def short_run(tiny_model_dir, ag_news_dir, tmp_path_factory) -> TrainResult:
     """Two steps with a validation after each: a TrainResult with every part filled in."""
