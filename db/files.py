@@ -10,6 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from core.ids import is_id, new_id
+from db.idempotency import forget_object
 from db.models import StoredFile
 
 FILE_ID_PREFIX = "file-"
@@ -64,4 +65,6 @@ def list_files(*, session: Session, owner_id: int | None = None, purpose: str | 
 
 
 def delete_file(f: StoredFile, *, session: Session) -> None:
+    """Delete the row, and any idempotency key naming it (that key may make a new file now)."""
+    forget_object(session=session, scope="files", object_id=f.id)
     session.delete(f)

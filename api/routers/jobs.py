@@ -125,7 +125,8 @@ def create_job(body: JobCreate, session: SessionDep, caller: CallerDep,
         session.delete(job)
         session.commit()
         log.warning("broker unavailable at submission: %s", type(e).__name__)
-        raise HTTPException(503, "the broker is unavailable; the job was not created, try again shortly") from None
+        raise HTTPException(503, "the broker is unavailable; the job was not created, try again shortly",
+                            headers={"Retry-After": "2"}) from None
     session.refresh(job)  # as stored now (a worker may have started it already)
     return JSONResponse(job_out(job, session).model_dump(mode="json"), status_code=201)
 

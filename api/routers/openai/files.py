@@ -21,7 +21,6 @@ from api.routers.openai.serving import epoch
 from core import filestore
 from core.settings import get_settings
 from db import files as fileq
-from db import idempotency as keyq
 from db.models import StoredFile
 
 router = APIRouter(prefix="/v1/files", tags=["openai"])
@@ -150,7 +149,6 @@ def file_content(file_id: str, session: SessionDep, caller: CallerDep) -> FileRe
 def delete_file(file_id: str, session: SessionDep, caller: CallerDep) -> dict:
     f = file_or_404(file_id, session, caller)
     fileq.delete_file(f, session=session)
-    keyq.forget_object(session=session, scope="files", object_id=f.id)  # its key may make a new file now
     session.commit()
     filestore.remove(f.id)
     return {"id": file_id, "object": "file", "deleted": True}

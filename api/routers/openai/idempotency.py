@@ -1,11 +1,12 @@
 """`Idempotency-Key` on the `/v1` routes that create something (files, batches, fine-tuning jobs).
 
 A retry with the same key and the same request answers the object the first request created (nothing new
-is made); the same key on a different request is a 400 naming the object it made. Keys are per caller and
+is made); the same key on a different request is a 422 naming the object it made (the IETF draft
+"The Idempotency-Key HTTP Header Field": 422 for a key reused with another payload). Keys are per caller and
 per route, kept in the store (db/idempotency.py). The key's row is written in the same transaction as the
 object, so of two concurrent requests with one key, one creates and the other answers its object.
 
-400 rather than 409 for a reused key: the SDK retries a 409, and a retry cannot help there.
+Not 409 for a reused key: the SDK retries a 409, and a retry cannot help there.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from db import idempotency as keyq
 IdempotencyKeyHeader = Annotated[str | None, Header(
     alias="Idempotency-Key", min_length=1, max_length=200,
     description="A retry with the same key and request answers the object the first one created; the same "
-                "key with a different request answers 400.")]
+                "key with a different request answers 422.")]
 
 
 def fingerprint(*parts: Any) -> str:
@@ -36,7 +37,7 @@ def replayed(key: str | None, scope: str, fp: str, caller: Caller, session: Sess
     """The id of the object the first request with `key` created (None: a new key, or no key).
 
     Raises:
-        OpenAIError: 400 when the key was used for a different request.
+        OpenAIError: 422 when the key was used for a different request.
     """
     if not key:
         return None
@@ -44,7 +45,7 @@ def replayed(key: str | None, scope: str, fp: str, caller: Caller, session: Sess
     if row is None:
         return None
     if row.fingerprint != fp:
-        raise OpenAIError(400, f"Idempotency-Key {key!r} was already used with a different request (it created "
+        raise OpenAIError(422, f"Idempotency-Key {key!r} was already used with a different request (it created "
                                f"{row.object_id}); send a new key for a new request",
                           param="Idempotency-Key", code="idempotency_key_reused")
     return row.object_id

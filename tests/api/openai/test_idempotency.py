@@ -57,7 +57,7 @@ def test_a_retried_upload_answers_the_first_file(api):
     a = admin.files.create(file=("b.jsonl", io.BytesIO(b'{"x": 1}\n')), purpose="batch", **_key("up-1"))
     b = admin.files.create(file=("b.jsonl", io.BytesIO(b'{"x": 1}\n')), purpose="batch", **_key("up-1"))
     assert a.id == b.id and [f.id for f in admin.files.list()] == [a.id]
-    with pytest.raises(openai.BadRequestError) as e:  # other bytes, same key
+    with pytest.raises(openai.UnprocessableEntityError) as e:  # other bytes, same key
         admin.files.create(file=("b.jsonl", io.BytesIO(b'{"x": 2}\n')), purpose="batch", **_key("up-1"))
     assert e.value.code == "idempotency_key_reused" and a.id in e.value.message
     assert [f.id for f in admin.files.list()] == [a.id]
@@ -67,6 +67,10 @@ def test_a_retried_upload_answers_the_first_file(api):
     admin.files.delete(a.id)
     d = admin.files.create(file=("b.jsonl", io.BytesIO(b'{"x": 1}\n')), purpose="batch", **_key("up-1"))
     assert d.id not in (a.id, c.id)
+    # The same through the native route's delete.
+    assert tc.delete(f"/files/{d.id}", headers={"Authorization": f"Bearer {TOKEN}"}).status_code in (200, 204)
+    e = admin.files.create(file=("b.jsonl", io.BytesIO(b'{"x": 1}\n')), purpose="batch", **_key("up-1"))
+    assert e.id not in (a.id, c.id, d.id)
 
 
 def test_a_retried_batch_answers_the_first_batch_and_runs_one_job(api):
@@ -80,7 +84,7 @@ def test_a_retried_batch_answers_the_first_batch_and_runs_one_job(api):
     again = admin.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h",
                                  metadata={"run": "1"}, **_key("batch-1"))
     assert again.id == first.id and _jobs(tc) == 1
-    with pytest.raises(openai.BadRequestError) as e:
+    with pytest.raises(openai.UnprocessableEntityError) as e:
         admin.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h",
                              metadata={"run": "2"}, **_key("batch-1"))
     assert e.value.code == "idempotency_key_reused" and e.value.body["param"] == "Idempotency-Key"
@@ -100,7 +104,7 @@ def test_a_retried_fine_tuning_job_answers_the_first_job(api, tiny_model_dir):
     a = admin.fine_tuning.jobs.create(**kw, **_key("ft-1"))
     b = admin.fine_tuning.jobs.create(**kw, **_key("ft-1"))
     assert a.id == b.id and _jobs(tc) == 1
-    with pytest.raises(openai.BadRequestError) as e:
+    with pytest.raises(openai.UnprocessableEntityError) as e:
         admin.fine_tuning.jobs.create(**{**kw, "suffix": "y"}, **_key("ft-1"))
     assert e.value.code == "idempotency_key_reused"
     assert admin.fine_tuning.jobs.create(**kw).id != a.id and _jobs(tc) == 2  # no key: a new job
