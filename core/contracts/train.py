@@ -9,6 +9,20 @@ from pydantic import BaseModel, ConfigDict
 from core.contracts.base import Contract
 
 
+class TimeBudget(BaseModel):
+    """What a run with `train.max_minutes` fitted into its budget (the PEFT loop's plan, made from its first
+    steps' measured speed and its first validation's time, revised at each validation)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_minutes: float
+    planned_steps: int  # the schedule's length as last planned (the cosine decay ends there)
+    step_s: float  # measured seconds per optimizer step when last planned
+    val_s: float  # measured seconds per validation
+    validations: int  # validations run, the final one included
+    used_s: float  # wall seconds from the trainer's start to its last step (all sessions)
+
+
 class TrainMetrics(BaseModel):
     """The run's summary figures. Losses are mean cross-entropy per target token; validation scores the
     adapter as a classify job does (loss over label + EOS, label-scoring accuracy)."""
@@ -28,7 +42,9 @@ class TrainMetrics(BaseModel):
     epochs: float
     dtype: str
     device: str
-    stop_reason: Literal["completed", "early_stopping"] = "completed"
+    stop_reason: Literal["completed", "early_stopping", "time_budget"] = "completed"
+    best_step: int | None = None  # keep_best: the validated step whose weights were exported
+    budget: TimeBudget | None = None  # max_minutes: what the run fitted into it
 
 
 class EvalPoint(BaseModel):

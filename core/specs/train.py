@@ -78,11 +78,22 @@ class TrainSpec(Spec):
                                "training forward (workers/modeling/lora_forward.py); false: PEFT's own layers")
     wandb: bool = False
     reuse: bool = Field(default=False, description="pipelines: reuse an adapter trained with the same spec")
+    max_minutes: float | None = Field(
+        default=None, gt=0, le=7 * 24 * 60,
+        description="time budget (PEFT loop): the run plans its schedule (cosine length, so validations) from "
+                    "its first steps' measured speed and its first validation's time to end within this many "
+                    "minutes from its start, model loading included, plus one final validation; epochs is then "
+                    "ignored and max_steps, when set, caps the plan")
+    keep_best: bool = Field(default=False, description="export the weights of the best validation (by "
+                            "early_stopping_metric), not the last step's; the result names that step")
 
     @model_validator(mode="after")
     def _check(self) -> "TrainSpec":
         if self.backend == "torchtune" and self.lora.top_layers is not None:
             raise ValueError(TORCHTUNE_ALL_LAYERS)
+        if self.backend == "torchtune" and (self.max_minutes is not None or self.keep_best):
+            raise ValueError("max_minutes and keep_best: the time budget and the best-checkpoint export are the "
+                             "PEFT loop's; use backend 'peft'")
         return self
 
     def paths(self) -> list[SpecPath]:

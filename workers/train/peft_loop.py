@@ -39,6 +39,7 @@ from workers.modeling.forward import lm_head_of, prefix_kv, shared_prefix_hidden
 from workers.modeling.lora_forward import lora_forward_ok, lora_shared_prefix_hidden, merged_weights
 from workers.modeling.registry import load_tokenizer, model_digest, pick_device, pick_dtype, resolve_model
 from workers.modeling.scoring import ResponseScores, score_responses
+from workers.train.budget import FINAL_SAVE_S, PROBE_STEPS, out_of_time, planned_steps
 from workers.train.checkpoint import (check_compatible, latest_checkpoint, load_checkpoint,
                                       restore_rng_states, rng_states, save_checkpoint)
 from workers.train.data import PreparedDataset, TrainBatch, collate_train, length_bucketed_batches, load_prepared
@@ -113,6 +114,15 @@ class PeftLoraTrainer:
         self._session_start = time.perf_counter()
         self._session_steps = 0
         self.wandb: Any = None
+        # train.max_minutes: the budget's clock runs from here (model loading included), across resumed sessions
+        self.budget_s = spec.max_minutes * 60 if spec.max_minutes else None
+        self.budget_used_before = 0.0  # wall seconds of earlier sessions
+        self.planned = False  # the schedule's length fitted to the budget (after the first steps)
+        self.val_s = 0.0  # the last validation's seconds
+        self.session_step_times: list[float] = []
+        # train.keep_best: the trainable weights of the best validation so far, and its step
+        self.best_weights: dict[str, torch.Tensor] | None = None
+        self.best_step: int | None = None
 
     # -- setup ------------------------------------------------------------------------------------
 
@@ -229,12 +239,13 @@ class PeftLoraTrainer:
         return torch.optim.AdamW(params, lr=self.spec.learning_rate, weight_decay=self.spec.weight_decay)
 
     def _setup_scheduler(self) -> torch.optim.lr_scheduler.LambdaLR:
-        warmup, total = self.spec.warmup_steps, self.total_steps
+        warmup = self.spec.warmup_steps
 
-        def factor(step: int) -> float:  # linear warm-up, then cosine decay to zero
+        def factor(step: int) -> float:  # linear warm-up, then cosine decay to zero at total_steps
             if step < warmup:
                 return (step + 1) / warmup
-            progress = (step - warmup) / max(1, total - warmup)
+            # total_steps read at each step: a time budget fits it to the machine after the first steps
+            progress = (step - warmup) / max(1, self.total_steps - warmup)
             return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
         return torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
@@ -259,7 +270,10 @@ class PeftLoraTrainer:
                 "lora": s.lora.model_dump(mode="json"), "batch_size": s.batch_size, "grad_accum": s.grad_accum,
                 "seed": s.seed, "max_seq_len": s.max_seq_len, "train_on_input": s.train_on_input,
                 "max_train_samples": s.max_train_samples, "learning_rate": s.learning_rate,
-                "warmup_steps": s.warmup_steps, "total_steps": self.total_steps}
+                "warmup_steps": s.warmup_steps,
+                # with a time budget the length is planned at run time (and restored from the checkpoint)
+                "total_steps": f"max_minutes={s.max_minutes}" if self.budget_s else self.total_steps,
+                "keep_best": s.keep_best}
 
     def _maybe_resume(self) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -279,6 +293,12 @@ class PeftLoraTrainer:
         self.history, self.stop_reason = state["history"], state["stop_reason"]
         self.last_eval_step = self.history[-1]["step"] if self.history else -1
         self.recent_losses.extend(state["recent_losses"])
+        self.best_weights, self.best_step = state.get("best_weights"), state.get("best_step")
+        if self.budget_s:
+            self.budget_used_before = state.get("budget_used_s", 0.0)
+            self.planned, self.val_s = state.get("planned", False), state.get("val_s", 0.0)
+            if self.planned:
+                self.total_steps = state["total_steps"]
         truncate_metrics_after(self.out_dir, self.step)
         self.ctx.event(f"train: resumed from step {self.step} of {self.total_steps} ({ckpt.name})",
                        metrics={"resumed_from_step": self.step})
@@ -299,7 +319,9 @@ class PeftLoraTrainer:
             started = time.perf_counter()
             loss, tokens = self._train_step()
             self.step += 1
-            self._log_metrics(loss, tokens, time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            self._log_metrics(loss, tokens, seconds)
+            self._keep_time(seconds)
             self._maybe_validate()
             self._maybe_checkpoint()
         if self.last_eval_step != self.step:
@@ -307,6 +329,59 @@ class PeftLoraTrainer:
         if self.last_saved_step != self.step:
             self._save()
         return self._export()
+
+    # -- the time budget (train.max_minutes) ------------------------------------------------------------
+
+    def _budget_elapsed(self) -> float:
+        return self.budget_used_before + time.perf_counter() - self._session_start
+
+    def _step_s(self) -> float:
+        """Seconds an optimizer step takes now: the mean of this session's last 50 (its first left out)."""
+        times = self.session_step_times[1:][-50:] or self.session_step_times
+        return sum(times) / len(times)
+
+    def _keep_time(self, seconds: float) -> None:
+        """Plan the schedule once the first steps are measured (one validation timed with them); stop where
+        one more step would end past the budget."""
+        if self.budget_s is None:
+            return
+        self.session_step_times.append(seconds)
+        if not self.planned:
+            if len(self.session_step_times) >= PROBE_STEPS:
+                if self.val_examples and self.last_eval_step != self.step:
+                    self._validate()  # its time is part of the plan (and a point of the learning curve)
+                self._plan()
+        elif self.step < self.total_steps and out_of_time(budget_s=self.budget_s, elapsed_s=self._budget_elapsed(),
+                                                          step_s=self._step_s(), final_s=FINAL_SAVE_S):
+            self.stop_reason = "time_budget"
+            self.ctx.event(f"time budget: stopping at step {self.step} of {self.total_steps} "
+                           f"({self._budget_elapsed():.0f} s of {self.budget_s:.0f} s used)",
+                           metrics={"step": self.step})
+
+    def _plan(self) -> None:
+        """Fit total_steps (the cosine schedule's length) to what is left of the budget."""
+        first = not self.planned
+        before = self.total_steps
+        self.total_steps = max(self.step + 1, planned_steps(
+            budget_s=self.budget_s, elapsed_s=self._budget_elapsed(), step=self.step, step_s=self._step_s(),
+            val_s=self.val_s, eval_every=self.spec.eval_every, final_s=FINAL_SAVE_S, cap=self.spec.max_steps))
+        self.planned = True
+        if first or abs(self.total_steps - before) > 0.01 * before:
+            epochs = self.total_steps * self.spec.grad_accum / max(1, self.micro_per_epoch)
+            self.ctx.event(f"time budget {self.spec.max_minutes:g} min: {'planned' if first else 'revised to'} "
+                           f"{self.total_steps} steps ({epochs:.2f} epochs) at {self._step_s():.2f} s a step, "
+                           f"a {self.val_s:.1f} s validation every {self.spec.eval_every} steps; "
+                           f"{self._budget_elapsed():.0f} s used",
+                           metrics={"total_steps": self.total_steps, "step_s": round(self._step_s(), 3),
+                                    "val_s": round(self.val_s, 2)})
+
+    def _budget_summary(self) -> dict[str, Any] | None:
+        if self.budget_s is None:
+            return None
+        return {"max_minutes": self.spec.max_minutes, "planned_steps": self.total_steps,
+                "step_s": round(self._step_s(), 3) if self.session_step_times else 0.0,
+                "val_s": round(self.val_s, 2), "validations": len(self.history),
+                "used_s": round(self._budget_elapsed(), 1)}
 
     def _check_cancel(self) -> None:
         try:
@@ -403,12 +478,15 @@ class PeftLoraTrainer:
     def _maybe_validate(self) -> None:
         if self.step % self.spec.eval_every == 0 and self.step < self.total_steps:
             self._validate()
+            if self.planned:
+                self._plan()  # the machine's speed moves: fit what is left again
 
     def _validate(self) -> None:
         if not self.val_examples:
             return
         started = time.perf_counter()
         val_loss, accuracy = self.evaluate(self.val_examples)
+        self.val_s = time.perf_counter() - started
         row = {"step": self.step, "val_loss": round(val_loss, 5), "val_accuracy": round(accuracy, 5),
                "val_items": len(self.val_examples), "eval_s": round(time.perf_counter() - started, 2),
                # time to accuracy: training seconds so far (optimizer steps over all resumed sessions,
@@ -424,6 +502,10 @@ class PeftLoraTrainer:
         watched = val_loss if self.spec.early_stopping_metric == "val_loss" else 1.0 - accuracy
         if watched < self.best_watched - 1e-4:
             self.best_watched, self.bad_evals = watched, 0
+            if self.spec.keep_best:  # the trainable (LoRA) weights only: a few MB
+                self.best_weights = {n: p.detach().to("cpu", copy=True) for n, p in self.model.named_parameters()
+                                     if p.requires_grad}
+                self.best_step = self.step
         else:
             self.bad_evals += 1
             patience = self.spec.early_stopping_patience
@@ -471,7 +553,9 @@ class PeftLoraTrainer:
                  "best_val_loss": self.best_val_loss, "best_watched": self.best_watched,
                  "bad_evals": self.bad_evals, "history": self.history,
                  "stop_reason": self.stop_reason, "recent_losses": list(self.recent_losses),
-                 "fingerprint": self._fingerprint()}
+                 "best_weights": self.best_weights, "best_step": self.best_step,
+                 "budget_used_s": self._budget_elapsed(), "planned": self.planned, "val_s": self.val_s,
+                 "total_steps": self.total_steps, "fingerprint": self._fingerprint()}
         save_checkpoint(self.out_dir, self.step, model=self.model, state=state,
                         spec_json=self.build.adapter_meta(self.step).model_dump(mode="json"))
         self.last_saved_step = self.step
@@ -481,10 +565,14 @@ class PeftLoraTrainer:
     def _export(self) -> TrainResult:
         """Write the final adapter (temp folder, then rename) and build the result."""
         adapter_dir = self.out_dir / "adapter"
+        budget = self._budget_summary()  # before export: the budget covers training, not the saving
+        last_eval = self.history[-1] if self.history else {}
+        best = self._restore_best()
+        if best is not None:
+            last_eval = best
         with atomic_dir(adapter_dir) as tmp:
             self.model.save_pretrained(tmp)
             self.build.write_adapter_meta(tmp, self.step)
-        last_eval = self.history[-1] if self.history else {}
         metrics = {"train_loss": (sum(self.recent_losses) / len(self.recent_losses)) if self.recent_losses else None,
                    "val_loss": last_eval.get("val_loss"), "val_accuracy": last_eval.get("val_accuracy"),
                    "best_val_loss": self.best_val_loss if math.isfinite(self.best_val_loss) else None,
@@ -494,9 +582,25 @@ class PeftLoraTrainer:
                    "examples": len(self.train_examples),
                    "epochs": round(self.step * self.spec.grad_accum / self.micro_per_epoch, 4),
                    "dtype": str(self.dtype).removeprefix("torch."), "device": str(self.device),
-                   "stop_reason": self.stop_reason or "completed"}
+                   "stop_reason": self.stop_reason or "completed",
+                   "best_step": best["step"] if best is not None else None, "budget": budget}
         return self.build.result(adapter_dir=adapter_dir, steps=self.step, total_steps=self.total_steps,
                                  metrics=metrics, history=self.history, resumed_from_step=self.resumed_from_step)
+
+    def _restore_best(self) -> dict[str, Any] | None:
+        """keep_best: put the best validation's weights back (if it was not the last); return its history row."""
+        if not self.spec.keep_best or self.best_step is None or self.best_weights is None:
+            return None
+        row = next((h for h in self.history if h["step"] == self.best_step), None)
+        if self.best_step != (self.history[-1]["step"] if self.history else None):
+            with torch.no_grad():
+                params = dict(self.model.named_parameters())
+                for name, value in self.best_weights.items():
+                    params[name].copy_(value)
+            self.ctx.event(f"keep_best: exporting step {self.best_step}'s weights (val_accuracy "
+                           f"{row['val_accuracy']:.3f}) instead of step {self.step}'s "
+                           f"({self.history[-1]['val_accuracy']:.3f})", metrics={"best_step": self.best_step})
+        return row
 
     def cleanup(self) -> None:
         if self.wandb is not None:
