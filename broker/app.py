@@ -7,9 +7,11 @@ the job row's lease (see workers/jobs/runner.py) makes a second delivery harmles
 from __future__ import annotations
 
 import logging
+import os
 
 from celery import Celery
 from kombu import Queue
+from kombu.exceptions import OperationalError as BrokerUnavailable
 
 from core.settings import get_settings
 from core.specs import QUEUES
@@ -78,10 +80,39 @@ def enqueue(job_id: int, kind: str, queue: str | None = None) -> None:
     Raises:
         kombu.exceptions.OperationalError: the broker is unreachable.
     """
-    _sender().send_task(TASK_NAMES[kind], args=[job_id], queue=queue or QUEUES[kind], retry=True,
-                  retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 1})
+    _send(TASK_NAMES[kind], job_id, queue or QUEUES[kind],
+          {"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 1})
 
 
 def enqueue_advance(pipeline_id: int) -> None:
-    _sender().send_task(ADVANCE_PIPELINE, args=[pipeline_id], queue="cpu", retry=True,
-                  retry_policy={"max_retries": 5, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 2})
+    _send(ADVANCE_PIPELINE, pipeline_id, "cpu",
+          {"max_retries": 5, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 2})
+
+
+def _send(task: str, job_id: int, queue: str, retry_policy: dict[str, float]) -> None:
+    """send_task, once more when kombu's Redis channel was closed under it.
+
+    Threads that send at once (the API's) share a broker connection: when the broker restarts, the thread
+    that reconnects closes every channel of the old connection, and a thread about to publish on one of
+    them fails inside kombu with `AttributeError: 'NoneType' object has no attribute 'client'` (found by
+    the soak, tests/reliability/soak.py: a 500 at submission). A second try takes a fresh producer.
+
+    Raises:
+        kombu.exceptions.OperationalError: the broker is unreachable (or the channel broke twice).
+    """
+    for attempt in (1, 2):
+        try:
+            _sender().send_task(task, args=[job_id], queue=queue, retry=True, retry_policy=retry_policy)
+            return
+        except AttributeError as e:
+            if not _raised_in_kombu(e):
+                raise
+            if attempt == 2:
+                raise BrokerUnavailable(f"the broker connection was reset while sending ({e})") from e
+
+
+def _raised_in_kombu(e: BaseException) -> bool:
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and f"{os.sep}kombu{os.sep}" in tb.tb_frame.f_code.co_filename

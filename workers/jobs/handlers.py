@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from core.atomic import reports_disk_full
 from core.settings import get_settings
 from core.specs import spec_hash
 from core.specs.classify import ClassifySpec
@@ -52,7 +53,8 @@ def _run_prep(job: Job, spec: PrepSpec, ctx: StoreContext) -> dict[str, Any]:
     out_dir = get_settings().path("datasets") / f"job-{job.id}"
     if out_dir.exists():  # a re-delivered job: the artifact is complete (written by rename) or absent
         shutil.rmtree(out_dir)
-    meta = prepare_dataset(spec, out_dir, ctx)
+    with reports_disk_full(out_dir):
+        meta = prepare_dataset(spec, out_dir, ctx)
     with session_scope() as s:
         ds = resq.dataset_by_job(job.id, session=s) or resq.add_dataset(
             session=s, job_id=job.id, name=spec.name, path=str(out_dir), hash=meta["hash"],
@@ -64,8 +66,9 @@ def _run_train(job: Job, spec: TrainSpec, ctx: StoreContext) -> dict[str, Any]:
     from workers.train import train_adapter  # lazy: torch and peft; a cpu worker's other jobs never load them
     dataset_dir, ds = prepared_dataset(spec.dataset_id)
     out_dir = get_settings().path("adapters", f"job-{job.id}")
-    result = train_adapter(spec, dataset_dir, out_dir, ctx)
-    ctx.check_cancel()
+    with reports_disk_full(out_dir):  # checkpoints, metrics.jsonl, the adapter
+        result = train_adapter(spec, dataset_dir, out_dir, ctx)
+    # No cancel check from here on: the adapter is written, and a cancel this late would leave it unregistered.
     with session_scope() as s:
         art = resq.artifact_by_job(job.id, session=s) or resq.add_model_artifact(
             session=s, job_id=job.id, kind="adapter", name=f"{spec.model}-lora-job{job.id}",
@@ -94,8 +97,9 @@ def _run_judge(job: Job, spec: JudgeSpec, ctx: StoreContext) -> dict[str, Any]:
 
 
 def _run_evaluate(job: Job, spec: EvaluateSpec, ctx: StoreContext) -> dict[str, Any]:
-    doc, report_path = run_evaluation(spec, evaluation_inputs(spec), ctx,
-                                      report_dir=get_settings().path("reports", f"eval-job-{job.id}"))
+    report_dir = get_settings().path("reports") / f"eval-job-{job.id}"
+    with reports_disk_full(report_dir):
+        doc, report_path = run_evaluation(spec, evaluation_inputs(spec), ctx, report_dir=report_dir)
     with session_scope() as s:
         ev = resq.evaluation_by_job(job.id, session=s) or resq.add_evaluation(
             session=s, job_id=job.id, name=spec.name or f"evaluation {job.id}", spec=spec.model_dump(mode="json"),

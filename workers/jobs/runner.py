@@ -140,9 +140,13 @@ class StoreContext:
         if with_event:
             self._last_progress_event = now
 
-    def check_cancel(self) -> None:
+    def check_lease(self) -> None:
+        """Raise LeaseLost when another worker took the job over (this one was presumed dead)."""
         if self._lost.is_set():
             raise LeaseLost(f"job {self.job_id}: another worker took it over")
+
+    def check_cancel(self) -> None:
+        self.check_lease()
         if self._cancel.is_set():
             raise JobCancelled(f"job {self.job_id} cancelled")
         if time.monotonic() > self._deadline:
@@ -228,7 +232,9 @@ def run_job(job_id: int, kind: str, handler: Handler, *, worker: str | None = No
     try:
         spec = parse_spec(kind, job.spec)
         result = handler(job, spec, ctx)
-        ctx.check_cancel()  # a lost lease or cancel during the last step still counts
+        # A lost lease during the last step still counts; a cancel does not: the handler has registered what
+        # it made (a dataset, an adapter, an export), and a cancelled job must not leave a registered artifact.
+        ctx.check_lease()
         status, error, result = "succeeded", None, _jsonable(result or {})
     except JobCancelled:
         status, error, result = "cancelled", None, None
