@@ -72,3 +72,22 @@ def test_keep_best_exports_the_best_validations_weights(tiny_model_dir, ag_news_
     exported = adapter_tensors(result.adapter_dir)
     last = adapter_tensors(tmp_path / "run" / "checkpoints" / "step_000006")
     assert any(not torch.equal(exported[k], last[k]) for k in exported), "the last step's weights were exported"
+
+
+def test_a_resumed_budget_run_keeps_its_plan_and_its_clock(tiny_model_dir, ag_news_dir, tmp_path):
+    from core.context import JobCancelled
+    from workers.train.checkpoint import STATE_FILE, latest_checkpoint
+    ds = write_dataset(tmp_path / "ds", ag_news_dir, n_train=48, n_val=8)
+    out = tmp_path / "run"
+    spec = tiny_spec(tiny_model_dir, max_steps=None, max_minutes=20 / 60, eval_every=40, warmup_steps=2,
+                     save_every=100)
+    with pytest.raises(JobCancelled):  # cancelled after the plan (step 5): a checkpoint at the cancel
+        train_adapter(spec, ds, out, LocalContext(work_dir=tmp_path, cancel_after_checks=6))
+    state = torch.load(latest_checkpoint(out) / STATE_FILE, weights_only=False)
+    assert state["planned"] and state["step"] == 5 and state["budget_used_s"] > 0
+    ctx = LocalContext(work_dir=tmp_path)
+    resumed = train_adapter(spec, ds, out, ctx)
+    assert resumed.resumed_from_step == 5 and resumed.total_steps == state["total_steps"]
+    assert not any("planned" in e["message"] for e in ctx.events)  # the plan came from the checkpoint
+    assert resumed.metrics.budget.used_s >= state["budget_used_s"]  # the clock went on from the first session
+    assert resumed.metrics.budget.used_s <= 20 + resumed.metrics.budget.val_s + 1.0
