@@ -55,11 +55,14 @@ def _run_prep(job: Job, spec: PrepSpec, ctx: StoreContext) -> dict[str, Any]:
         shutil.rmtree(out_dir)
     with reports_disk_full(out_dir):
         meta = prepare_dataset(spec, out_dir, ctx)
-    with session_scope() as s:
-        ds = resq.dataset_by_job(job.id, session=s) or resq.add_dataset(
-            session=s, job_id=job.id, name=spec.name, path=str(out_dir), hash=meta["hash"],
-            spec_hash=spec_hash(spec.model_dump(mode="json")), spec=spec.model_dump(mode="json"), meta=meta)
-        return {"dataset_id": ds.id, "path": str(out_dir), "hash": meta["hash"], "meta": meta}
+
+    def register() -> dict[str, Any]:
+        with session_scope() as s:
+            ds = resq.dataset_by_job(job.id, session=s) or resq.add_dataset(
+                session=s, job_id=job.id, name=spec.name, path=str(out_dir), hash=meta["hash"],
+                spec_hash=spec_hash(spec.model_dump(mode="json")), spec=spec.model_dump(mode="json"), meta=meta)
+            return {"dataset_id": ds.id, "path": str(out_dir), "hash": meta["hash"], "meta": meta}
+    return ctx.with_store_retries("the dataset's registration", register)
 
 
 def _run_train(job: Job, spec: TrainSpec, ctx: StoreContext) -> dict[str, Any]:
@@ -69,15 +72,18 @@ def _run_train(job: Job, spec: TrainSpec, ctx: StoreContext) -> dict[str, Any]:
     with reports_disk_full(out_dir):  # checkpoints, metrics.jsonl, the adapter
         result = train_adapter(spec, dataset_dir, out_dir, ctx)
     # No cancel check from here on: the adapter is written, and a cancel this late would leave it unregistered.
-    with session_scope() as s:
-        art = resq.artifact_by_job(job.id, session=s) or resq.add_model_artifact(
-            session=s, job_id=job.id, kind="adapter", name=f"{spec.model}-lora-job{job.id}",
-            base_model=spec.model, path=result.adapter_dir,
-            spec=spec.model_dump(mode="json"), spec_hash=spec_hash({**spec.model_dump(mode="json"),
-                                                                     "dataset_hash": ds.hash}),
-            dataset_id=ds.id, dataset_hash=ds.hash, metrics=result.metrics.model_dump(mode="json"),
-            code_version=code_version())
-        return result.model_copy(update={"adapter_id": art.id}).model_dump(mode="json")  # a TrainResult
+
+    def register() -> dict[str, Any]:
+        with session_scope() as s:
+            art = resq.artifact_by_job(job.id, session=s) or resq.add_model_artifact(
+                session=s, job_id=job.id, kind="adapter", name=f"{spec.model}-lora-job{job.id}",
+                base_model=spec.model, path=result.adapter_dir,
+                spec=spec.model_dump(mode="json"), spec_hash=spec_hash({**spec.model_dump(mode="json"),
+                                                                         "dataset_hash": ds.hash}),
+                dataset_id=ds.id, dataset_hash=ds.hash, metrics=result.metrics.model_dump(mode="json"),
+                code_version=code_version())
+            return result.model_copy(update={"adapter_id": art.id}).model_dump(mode="json")  # a TrainResult
+    return ctx.with_store_retries("the adapter's registration", register)
 
 
 def _run_classify(job: Job, spec: ClassifySpec, ctx: StoreContext) -> dict[str, Any]:
@@ -100,12 +106,15 @@ def _run_evaluate(job: Job, spec: EvaluateSpec, ctx: StoreContext) -> dict[str, 
     report_dir = get_settings().path("reports") / f"eval-job-{job.id}"
     with reports_disk_full(report_dir):
         doc, report_path = run_evaluation(spec, evaluation_inputs(spec), ctx, report_dir=report_dir)
-    with session_scope() as s:
-        ev = resq.evaluation_by_job(job.id, session=s) or resq.add_evaluation(
-            session=s, job_id=job.id, name=spec.name or f"evaluation {job.id}", spec=spec.model_dump(mode="json"),
-            document=doc.model_dump(mode="json"), report_path=report_path)
-        return {"evaluation_id": ev.id, "report_path": report_path,
-                "accuracy": {name: m.get("accuracy") for name, m in doc.models.items()}}
+
+    def register() -> dict[str, Any]:
+        with session_scope() as s:
+            ev = resq.evaluation_by_job(job.id, session=s) or resq.add_evaluation(
+                session=s, job_id=job.id, name=spec.name or f"evaluation {job.id}", spec=spec.model_dump(mode="json"),
+                document=doc.model_dump(mode="json"), report_path=report_path)
+            return {"evaluation_id": ev.id, "report_path": report_path,
+                    "accuracy": {name: m.get("accuracy") for name, m in doc.models.items()}}
+    return ctx.with_store_retries("the evaluation's registration", register)
 
 
 def _run_export(job: Job, spec: ExportSpec, ctx: StoreContext) -> dict[str, Any]:
@@ -119,17 +128,21 @@ def _run_export(job: Job, spec: ExportSpec, ctx: StoreContext) -> dict[str, Any]
     out_dir = get_settings().path("exports") / f"job-{job.id}"
     result = export_adapter(spec, AdapterRef(spec.adapter_id, Path(art.path)), out_dir, ctx,
                             dataset_dir=dataset_dir, dataset_hash=art.dataset_hash)
-    with session_scope() as s:
-        exp = resq.add_model_artifact(
-            session=s, job_id=job.id, kind="export", source_adapter_id=spec.adapter_id, base_model=art.base_model,
-            path=result["path"],
-            name=f"adapter{spec.adapter_id}-{spec.format}" + (f"-{spec.quant}" if spec.quant else ""),
-            hash=result["hash"], spec=spec.model_dump(mode="json"), spec_hash=spec_hash(spec.model_dump(mode="json")),
-            dataset_id=art.dataset_id, dataset_hash=art.dataset_hash, code_version=code_version(),
-            metrics={"adapter_id": spec.adapter_id, "format": spec.format, "quant": spec.quant,
-                     "files": result["files"], "verification": result["verification"]})
-        return {"export_id": exp.id, "path": result["path"], "format": spec.format, "quant": spec.quant,
-                "verification": result["verification"]}
+
+    def register() -> dict[str, Any]:
+        with session_scope() as s:
+            exp = resq.artifact_by_job(job.id, session=s) or resq.add_model_artifact(
+                session=s, job_id=job.id, kind="export", source_adapter_id=spec.adapter_id,
+                base_model=art.base_model, path=result["path"],
+                name=f"adapter{spec.adapter_id}-{spec.format}" + (f"-{spec.quant}" if spec.quant else ""),
+                hash=result["hash"], spec=spec.model_dump(mode="json"),
+                spec_hash=spec_hash(spec.model_dump(mode="json")), dataset_id=art.dataset_id,
+                dataset_hash=art.dataset_hash, code_version=code_version(),
+                metrics={"adapter_id": spec.adapter_id, "format": spec.format, "quant": spec.quant,
+                         "files": result["files"], "verification": result["verification"]})
+            return {"export_id": exp.id, "path": result["path"], "format": spec.format, "quant": spec.quant,
+                    "verification": result["verification"]}
+    return ctx.with_store_retries("the export's registration", register)
 
 
 HANDLERS: dict[str, Handler] = {

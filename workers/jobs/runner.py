@@ -140,6 +140,16 @@ class StoreContext:
         if with_event:
             self._last_progress_event = now
 
+    def with_store_retries(self, what: str, fn: Callable[[], Any]) -> Any:
+        """Run one of the job's own store writes (a handler registering what it made), retrying while the
+        database restarts: an artifact written to disk is not left unregistered by a blink of the store.
+        `fn` must be idempotent (look the row up by job id before adding it).
+
+        Raises:
+            db.session.StoreUnavailable: still unreachable after NEWSLORA_WAIT_RETRIES tries.
+        """
+        return _with_store_retries(self.job_id, what, fn)
+
     def check_lease(self) -> None:
         """Raise LeaseLost when another worker took the job over (this one was presumed dead)."""
         if self._lost.is_set():

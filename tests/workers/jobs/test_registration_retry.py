@@ -1,0 +1,83 @@
+"""A handler's registration survives a database restart (found by the soak, tests/reliability/soak.py: a train
+job whose adapter was written failed on `OperationalError` at registration while PostgreSQL restarted, and left
+`adapters/job-N/adapter` with no row). The store's first registration write fails as a restart makes it fail;
+the handler retries it and the job succeeds with exactly one row."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.exc import OperationalError
+
+from db import jobs as jobq
+from db import results as resq
+from db.models import Dataset, ModelArtifact
+from db.session import get_engine, init_db, session_scope
+from workers.inference.classify import clear_engines
+from workers.jobs.handlers import HANDLERS
+from workers.jobs.runner import run_job
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    from core.settings import reset_settings
+    monkeypatch.setenv("NEWSLORA_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path / 'store.sqlite'}")
+    monkeypatch.setenv("NEWSLORA_WAIT_RETRIES", "3")
+    monkeypatch.delenv("BROKER_URL", raising=False)
+    reset_settings()
+    init_db()
+    clear_engines()
+    yield tmp_path
+    clear_engines()
+    get_engine.cache_clear()
+    reset_settings()
+
+
+def _fail_once(monkeypatch, name: str) -> list[int]:
+    """Make resq.<name> raise OperationalError (the database restarting) on its first call."""
+    real, calls = getattr(resq, name), []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise OperationalError("INSERT ...", {}, ConnectionRefusedError("connection refused"))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(resq, name, flaky)
+    return calls
+
+
+def _run(kind: str, spec: dict) -> tuple[int, str, str | None]:
+    with session_scope() as s:
+        job_id = jobq.create_job(session=s, kind=kind, queue="cpu", spec=spec).id
+    run_job(job_id, kind, HANDLERS[kind])
+    with session_scope() as s:
+        job = jobq.get_job(job_id, session=s)
+        return job_id, job.status, job.error
+
+
+def _count(model) -> int:
+    with session_scope() as s:
+        return s.scalar(select(func.count()).select_from(model))
+
+
+def test_prep_and_train_register_through_a_database_blink(store, monkeypatch, tiny_model_dir):
+    src = store / "news.jsonl"
+    src.write_text("".join(json.dumps({"text": f"story {i} about {lab}", "label": lab}) + "\n"
+                           for i in range(12) for lab in ("World", "Sports")))
+    calls = _fail_once(monkeypatch, "add_dataset")
+    job_id, status, error = _run("prep", {"train": {"path": str(src)}, "test": None, "validation_fraction": 0.25})
+    assert (status, error) == ("succeeded", None) and len(calls) == 2 and _count(Dataset) == 1
+    with session_scope() as s:
+        dataset_id = resq.dataset_by_job(job_id, session=s).id
+
+    calls = _fail_once(monkeypatch, "add_model_artifact")
+    spec = {"dataset_id": dataset_id, "model": str(tiny_model_dir), "max_steps": 1, "eval_every": 1000,
+            "val_samples": 2, "batch_size": 4, "max_seq_len": 96, "warmup_steps": 0, "dtype": "fp32",
+            "device": "cpu", "lora": {"rank": 4}}
+    job_id, status, error = _run("train", spec)
+    assert (status, error) == ("succeeded", None) and len(calls) == 2
+    assert _count(ModelArtifact) == 1
+    with session_scope() as s:
+        assert resq.artifact_by_job(job_id, session=s).kind == "adapter"
