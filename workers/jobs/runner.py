@@ -71,6 +71,28 @@ def _with_store_retries(job_id: int, what: str, fn: Callable[[], Any]) -> Any:
                            f"check that PostgreSQL is up, then resubmit")
 
 
+def _run_through_store_outages(job: Job, spec: Any, ctx: "StoreContext", handler: Handler) -> Any:
+    """Run the handler; where it fails because the database is unreachable (a read of its inputs during a
+    PostgreSQL restart, found by the soak), run it again once the store answers, boundedly. A handler is
+    idempotent by job id (what it stored is skipped, training resumes from its checkpoint, a registration looks
+    its row up first), as a re-delivered job's is.
+
+    Raises:
+        sqlalchemy.exc.OperationalError: still unreachable after NEWSLORA_WAIT_RETRIES runs.
+    """
+    retries = max(1, get_settings().wait_retries)
+    for attempt in range(retries):
+        try:
+            return handler(job, spec, ctx)
+        except OperationalError as e:
+            if attempt == retries - 1:
+                raise
+            log.warning("job %s: the database is unavailable (%s); running the job again (try %d/%d)", job.id,
+                        type(e.orig or e).__name__, attempt + 2, retries)
+            time.sleep(min(5.0, 0.5 * (attempt + 1)))
+            ctx.event("the database was unavailable: running the job again from what it stored")
+
+
 class StoreContext:
     """The JobContext a worker hands to plain job functions: events, progress, cancel, predictions."""
 
@@ -241,7 +263,7 @@ def run_job(job_id: int, kind: str, handler: Handler, *, worker: str | None = No
     ctx.shard_parent = job.parent_id if is_shard(job) else None
     try:
         spec = parse_spec(kind, job.spec)
-        result = handler(job, spec, ctx)
+        result = _run_through_store_outages(job, spec, ctx, handler)
         # A lost lease during the last step still counts; a cancel does not: the handler has registered what
         # it made (a dataset, an adapter, an export), and a cancelled job must not leave a registered artifact.
         ctx.check_lease()

@@ -81,3 +81,30 @@ def test_prep_and_train_register_through_a_database_blink(store, monkeypatch, ti
     assert _count(ModelArtifact) == 1
     with session_scope() as s:
         assert resq.artifact_by_job(job_id, session=s).kind == "adapter"
+
+
+def test_a_classify_job_whose_adapter_read_meets_a_database_outage_runs_again(store, monkeypatch, tiny_model_dir):
+    """Found by the soak (second 10-minute run): a classify job failed on `OperationalError: ... server closed
+    the connection unexpectedly` reading its adapter's row while PostgreSQL restarted. The runner now runs a
+    handler again when the store was unreachable (handlers are idempotent by job id)."""
+    from workers.jobs import store_inputs
+    from tests.api.openai.conftest import tiny_adapter
+    adapter_dir = tiny_adapter(tiny_model_dir, store / "adapter")
+    with session_scope() as s:
+        art = resq.add_model_artifact(session=s, job_id=None, kind="adapter", name="tiny", base_model=str(tiny_model_dir), spec={},
+                                      path=str(adapter_dir))
+        adapter_id = art.id
+    real, calls = store_inputs.adapter_artifact, []
+
+    def flaky(adapter_id: int):
+        calls.append(1)
+        if len(calls) == 1:
+            raise OperationalError("SELECT model_artifacts ...", {}, ConnectionResetError("server closed the connection"))
+        return real(adapter_id)
+    monkeypatch.setattr(store_inputs, "adapter_artifact", flaky)
+    job_id, status, error = _run("classify", {"items": [{"id": "a", "text": "stocks fell"}], "model": str(tiny_model_dir),
+                                              "adapter_id": adapter_id, "dtype": "fp32", "device": "cpu"})
+    assert (status, error) == ("succeeded", None) and len(calls) == 2
+    with session_scope() as s:
+        events = [e.message for e in jobq.events(job_id, session=s)]
+    assert any("database was unavailable" in m for m in events), events
