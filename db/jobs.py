@@ -114,10 +114,16 @@ def renew_lease(job_id: int, worker: str, *, session: Session, lease_s: float) -
     return res.rowcount == 1, bool(cancel)
 
 
-def set_progress(job_id: int, progress: float, info: dict[str, Any], *, session: Session) -> None:
-    session.execute(update(Job).where(Job.id == job_id).values(progress=progress, progress_info=info,
-                                                               updated_at=utcnow())
-                    .execution_options(synchronize_session=False))
+def set_progress(job_id: int, progress: float, info: dict[str, Any], *, session: Session,
+                 active_only: bool = False) -> bool:
+    """Store the job's progress. With `active_only`, only while it has not ended: False when it had (a cancel
+    that landed meanwhile; the UPDATE takes the row's lock, so it sees a cancel committed before it)."""
+    q = update(Job).where(Job.id == job_id)
+    if active_only:
+        q = q.where(Job.status.notin_(TERMINAL))
+    done = session.execute(q.values(progress=progress, progress_info=info, updated_at=utcnow())
+                           .execution_options(synchronize_session=False))
+    return done.rowcount > 0
 
 
 def finish(job_id: int, status: str, *, session: Session, result: dict[str, Any] | None = None,

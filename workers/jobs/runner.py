@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from celery.exceptions import SoftTimeLimitExceeded
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 import broker.app  # called as broker.app.enqueue...: one name for tests to stub
 from core.context import JobCancelled
@@ -33,6 +33,10 @@ from db.session import StoreUnavailable, session_scope
 from workers.jobs.shards import ShardsPending, is_shard, roll_up
 
 log = logging.getLogger("newslora.worker")
+
+# What a database restart raises at a session: refused or dropped connections (OperationalError), and psycopg's
+# "unexpected result EMPTY_QUERY from command 'COMMIT'" on a connection cut mid-commit (InterfaceError).
+STORE_DOWN = (OperationalError, InterfaceError)
 
 _WORKER_IDS: dict[int, str] = {}
 
@@ -63,7 +67,7 @@ def _with_store_retries(job_id: int, what: str, fn: Callable[[], Any]) -> Any:
     for attempt in range(retries):
         try:
             return fn()
-        except OperationalError as e:
+        except STORE_DOWN as e:
             log.warning("job %s: the database is unavailable while writing %s (try %d/%d): %s", job_id, what,
                         attempt + 1, retries, type(e.orig or e).__name__)
             time.sleep(min(5.0, 0.5 * (attempt + 1)))
@@ -84,7 +88,7 @@ def _run_through_store_outages(job: Job, spec: Any, ctx: "StoreContext", handler
     for attempt in range(retries):
         try:
             return handler(job, spec, ctx)
-        except OperationalError as e:
+        except STORE_DOWN as e:
             if attempt == retries - 1:
                 raise
             log.warning("job %s: the database is unavailable (%s); running the job again (try %d/%d)", job.id,
@@ -153,7 +157,9 @@ class StoreContext:
 
         def write() -> None:
             with session_scope() as s:
-                jobq.set_progress(self.job_id, frac, info, session=s)
+                if not jobq.set_progress(self.job_id, frac, info, session=s, active_only=True):
+                    self._cancel.set()  # it ended under us (a cancel the heartbeat has not seen yet): no more
+                    return              # progress or events after its end; stop at the next check
                 if with_event:
                     jobq.add_event(self.job_id, message or "progress", session=s, metrics=info)
                 if self.shard_parent is not None:

@@ -8,7 +8,7 @@ import json
 
 import pytest
 from sqlalchemy import func, select
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from db import jobs as jobq
 from db import results as resq
@@ -83,7 +83,13 @@ def test_prep_and_train_register_through_a_database_blink(store, monkeypatch, ti
         assert resq.artifact_by_job(job_id, session=s).kind == "adapter"
 
 
-def test_a_classify_job_whose_adapter_read_meets_a_database_outage_runs_again(store, monkeypatch, tiny_model_dir):
+@pytest.mark.parametrize("error", [
+    OperationalError("SELECT model_artifacts ...", {}, ConnectionResetError("server closed the connection")),
+    # the soak's second run: psycopg on a connection cut mid-commit
+    InterfaceError("COMMIT", {}, RuntimeError("unexpected result EMPTY_QUERY from command 'COMMIT'"))],
+    ids=["operational", "interface"])
+def test_a_classify_job_whose_adapter_read_meets_a_database_outage_runs_again(store, monkeypatch, tiny_model_dir,
+                                                                             error):
     """Found by the soak (second 10-minute run): a classify job failed on `OperationalError: ... server closed
     the connection unexpectedly` reading its adapter's row while PostgreSQL restarted. The runner now runs a
     handler again when the store was unreachable (handlers are idempotent by job id)."""
@@ -99,7 +105,7 @@ def test_a_classify_job_whose_adapter_read_meets_a_database_outage_runs_again(st
     def flaky(adapter_id: int):
         calls.append(1)
         if len(calls) == 1:
-            raise OperationalError("SELECT model_artifacts ...", {}, ConnectionResetError("server closed the connection"))
+            raise error
         return real(adapter_id)
     monkeypatch.setattr(store_inputs, "adapter_artifact", flaky)
     job_id, status, error = _run("classify", {"items": [{"id": "a", "text": "stocks fell"}], "model": str(tiny_model_dir),
@@ -108,3 +114,25 @@ def test_a_classify_job_whose_adapter_read_meets_a_database_outage_runs_again(st
     with session_scope() as s:
         events = [e.message for e in jobq.events(job_id, session=s)]
     assert any("database was unavailable" in m for m in events), events
+
+
+def test_progress_after_a_cancel_writes_nothing_and_stops_the_job(store):
+    """Found by the soak (second 10-minute run): a classify job cancelled by the API went on writing
+    "classified" progress events until its heartbeat saw the cancel. A progress write now checks, under the
+    row's lock, that the job has not ended: after a cancel it writes nothing and the job stops at its next check."""
+    from core.context import JobCancelled
+    from workers.jobs.runner import StoreContext
+    with session_scope() as s:
+        job = jobq.create_job(session=s, kind="classify", queue="gpu", spec={"items": []})
+        job.status = "running"
+        job_id = job.id
+    ctx = StoreContext(job_id, "w", store / "work", time_limit_s=60)  # no heartbeat thread started
+    ctx.progress(1, 10, message="classified")
+    with session_scope() as s:
+        jobq.finish(job_id, "cancelled", session=s, message="cancelled")
+        before = len(jobq.events(job_id, session=s))
+    ctx.progress(10, 10, message="classified")  # final: would always write an event
+    with session_scope() as s:
+        assert len(jobq.events(job_id, session=s)) == before and jobq.get_job(job_id, session=s).progress < 1
+    with pytest.raises(JobCancelled):
+        ctx.check_cancel()
