@@ -57,6 +57,8 @@ def is_disk_full(exc: BaseException, folder: Path) -> bool:
             return True
         if any(m in str(e).lower() for m in _FULL_MARKERS):
             return True
+        if type(e) is RuntimeError and "inline_container" in str(e) and "unexpected pos" in str(e):
+            return True  # torch's zip writer on a short write: the disk filled (it may be freed by the time we look)
         io_error |= isinstance(e, OSError) or type(e) is RuntimeError  # torch's writer: a plain RuntimeError
         e = e.__cause__ or e.__context__
     free = _free_bytes(folder) if io_error else None

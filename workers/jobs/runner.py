@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from celery.exceptions import SoftTimeLimitExceeded
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, ProgrammingError
 
 import broker.app  # called as broker.app.enqueue...: one name for tests to stub
 from core.context import JobCancelled
@@ -34,9 +34,16 @@ from workers.jobs.shards import ShardsPending, is_shard, roll_up
 
 log = logging.getLogger("newslora.worker")
 
-# What a database restart raises at a session: refused or dropped connections (OperationalError), and psycopg's
-# "unexpected result EMPTY_QUERY from command 'COMMIT'" on a connection cut mid-commit (InterfaceError).
-STORE_DOWN = (OperationalError, InterfaceError)
+
+def is_store_down(e: object) -> bool:
+    """Whether a store error means the database is unreachable (a restart), not a bad statement: refused or
+    dropped connections (OperationalError); psycopg's "unexpected result EMPTY_QUERY from command 'COMMIT'" on a
+    connection cut mid-commit (InterfaceError); and its "can't change 'autocommit' now: connection in
+    transaction status INTRANS" on a pooled connection the restart left mid-transaction (ProgrammingError)."""
+    if isinstance(e, (OperationalError, InterfaceError)):
+        return True
+    return isinstance(e, ProgrammingError) and "can't change 'autocommit' now" in str(e)
+
 
 _WORKER_IDS: dict[int, str] = {}
 
@@ -67,7 +74,9 @@ def _with_store_retries(job_id: int, what: str, fn: Callable[[], Any]) -> Any:
     for attempt in range(retries):
         try:
             return fn()
-        except STORE_DOWN as e:
+        except DBAPIError as e:
+            if not is_store_down(e):
+                raise
             log.warning("job %s: the database is unavailable while writing %s (try %d/%d): %s", job_id, what,
                         attempt + 1, retries, type(e.orig or e).__name__)
             time.sleep(min(5.0, 0.5 * (attempt + 1)))
@@ -82,14 +91,14 @@ def _run_through_store_outages(job: Job, spec: Any, ctx: "StoreContext", handler
     its row up first), as a re-delivered job's is.
 
     Raises:
-        sqlalchemy.exc.OperationalError: still unreachable after NEWSLORA_WAIT_RETRIES runs.
+        sqlalchemy.exc.DBAPIError: still unreachable after NEWSLORA_WAIT_RETRIES runs (or a bad statement).
     """
     retries = max(1, get_settings().wait_retries)
     for attempt in range(retries):
         try:
             return handler(job, spec, ctx)
-        except STORE_DOWN as e:
-            if attempt == retries - 1:
+        except DBAPIError as e:
+            if not is_store_down(e) or attempt == retries - 1:
                 raise
             log.warning("job %s: the database is unavailable (%s); running the job again (try %d/%d)", job.id,
                         type(e.orig or e).__name__, attempt + 2, retries)

@@ -8,7 +8,7 @@ import json
 
 import pytest
 from sqlalchemy import func, select
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import InterfaceError, OperationalError, ProgrammingError
 
 from db import jobs as jobq
 from db import results as resq
@@ -86,8 +86,11 @@ def test_prep_and_train_register_through_a_database_blink(store, monkeypatch, ti
 @pytest.mark.parametrize("error", [
     OperationalError("SELECT model_artifacts ...", {}, ConnectionResetError("server closed the connection")),
     # the soak's second run: psycopg on a connection cut mid-commit
-    InterfaceError("COMMIT", {}, RuntimeError("unexpected result EMPTY_QUERY from command 'COMMIT'"))],
-    ids=["operational", "interface"])
+    InterfaceError("COMMIT", {}, RuntimeError("unexpected result EMPTY_QUERY from command 'COMMIT'")),
+    # its third run: a pooled connection the restart left mid-transaction
+    ProgrammingError("SELECT ...", {}, RuntimeError("can't change 'autocommit' now: connection in transaction "
+                                                    "status INTRANS"))],
+    ids=["operational", "interface", "autocommit"])
 def test_a_classify_job_whose_adapter_read_meets_a_database_outage_runs_again(store, monkeypatch, tiny_model_dir,
                                                                              error):
     """Found by the soak (second 10-minute run): a classify job failed on `OperationalError: ... server closed
@@ -136,3 +139,8 @@ def test_progress_after_a_cancel_writes_nothing_and_stops_the_job(store):
         assert len(jobq.events(job_id, session=s)) == before and jobq.get_job(job_id, session=s).progress < 1
     with pytest.raises(JobCancelled):
         ctx.check_cancel()
+
+
+def test_a_bad_statement_is_not_taken_for_an_outage():
+    from workers.jobs.runner import is_store_down
+    assert not is_store_down(ProgrammingError("SELECT nope", {}, RuntimeError('column "nope" does not exist')))
