@@ -12,6 +12,11 @@
     length-sorted batches, shared-prefix KV cache, label log-likelihoods), dtype auto (bf16 with AMX/AVX512-BF16).
 (d) newslora_adapter: the same with a LoRA adapter of the presets' shape (rank 16, alpha 32, all seven linear
     layers of configs/agnews-smollm2*.yaml; random weights unless --adapter), served merged.
+Against the machine: the FLOPs score mode executed (counted from the batches it actually ran, the way
+bench/train_throughput.py counts a training step's: `bench/flops.py`, forward only, padding excluded, the
+cached prompt prefix not re-run), a second, as a fraction of the bf16 matmul peak measured in the same run
+(the best of before, after each round, and after: `fraction_of_bf16_peak`, and per round against that
+round's own peak: `per_round`).
 The methods run in interleaved rounds (each round: a slice of the reference articles through (a) and (b), a
 slice of all articles through (c) and (d)), so that other work on a shared CPU slows them alike; the ratios
 are within one run. Model loading is not timed. The load average is printed before and after: quote a run as
@@ -26,15 +31,22 @@ import math
 import os
 import platform
 import re
+import sys
 import tempfile
 import time
+from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
-from core.settings import get_settings
-
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.flops import FlopModel, Work, matmul_gflops, score_batch_work  # noqa: E402
+from core.settings import get_settings  # noqa: E402
+
 AG_NEWS = get_settings().shared_data / "ag_news"
 LABELS = ["World", "Sports", "Business", "Sci/Tech"]
 PRESET_LORA = {"rank": 16, "alpha": 32,
@@ -80,18 +92,50 @@ def reference_method(model, tok, items: list[dict], *, batch_size: int = 8) -> d
     return {"n": len(items), "seconds": time.perf_counter() - t0, "correct": correct}
 
 
-def newslora_score(engine, items: list[dict], *, adapter, batch_size: int) -> dict:
-    """Score mode as a classify job runs it (prompt from the adapter where given)."""
+@contextmanager
+def counting_score_work() -> Iterator[Work]:
+    """Within the block, the work of every score-mode forward that classification runs, as it runs it: each
+    call of `score_labels` from workers/inference/classify.py is counted (its rows' lengths, the prefix,
+    the label branches) and then made unchanged."""
+    import workers.inference.classify as classify
+    run = classify.score_labels
+    work = Work()
+
+    def counted(model, codec, seqs, prefix_kv, **kw):
+        nonlocal work
+        work += score_batch_work([len(s) for s in seqs], len(codec.prefix_ids) if prefix_kv is not None else 0,
+                                 (codec.eos_plan if kw.get("with_eos") else codec.plan).branches)
+        return run(model, codec, seqs, prefix_kv, **kw)
+
+    classify.score_labels = counted
+    try:
+        yield work
+    finally:
+        classify.score_labels = run
+
+
+def newslora_score(engine, items: list[dict], *, adapter, batch_size: int, label_names: list[str] = LABELS,
+                   instruction: str | None = None, template: str = "alpaca") -> dict:
+    """Score mode as a classify job runs it, and the work it executed (the prompt: the presets' default, or
+    the one an adapter was trained with).
+
+    Returns:
+        {"n", "seconds", "correct", "work", "labels" (item id -> label)}.
+    """
     from core.context import LocalContext
     from workers.inference.classify import classify_items
     from workers.modeling.prompts import default_instruction
     from core.specs.classify import ClassifySpec
     spec = ClassifySpec(items=items, batch_size=batch_size, mode="score")
-    t0 = time.perf_counter()
-    summary = classify_items(items, engine=engine, model_ref=engine.model_ref, adapter=adapter, label_names=LABELS,
-                             instruction=default_instruction(LABELS), template="alpaca", spec=spec,
-                             ctx=LocalContext())
-    return {"n": len(items), "seconds": time.perf_counter() - t0, "correct": round(summary["accuracy"] * len(items))}
+    ctx = LocalContext()
+    with counting_score_work() as work:
+        t0 = time.perf_counter()
+        summary = classify_items(items, engine=engine, model_ref=engine.model_ref, adapter=adapter,
+                                 label_names=label_names, instruction=instruction or default_instruction(label_names),
+                                 template=template, spec=spec, ctx=ctx)
+        seconds = time.perf_counter() - t0
+    return {"n": len(items), "seconds": seconds, "correct": round(summary["accuracy"] * len(items)), "work": work,
+            "labels": {iid: r["label"] for iid, r in ctx.predictions.items()}}
 
 
 def random_preset_adapter(model_dir: Path, out: Path, *, seed: int = 0, std: float = 0.02) -> Path:
@@ -116,10 +160,20 @@ def random_preset_adapter(model_dir: Path, out: Path, *, seed: int = 0, std: flo
     return out
 
 
-def _total(parts: list[dict]) -> dict:
+def _total(parts: list[dict], fm: FlopModel, peak_gflops: float) -> dict:
     n, seconds, correct = (sum(p[k] for p in parts) for k in ("n", "seconds", "correct"))
-    return {"n": n, "seconds": round(seconds, 2), "items_per_s": round(n / seconds, 3),
-            "accuracy": round(correct / n, 4)}
+    out = {"n": n, "seconds": round(seconds, 2), "items_per_s": round(n / seconds, 3),
+           "accuracy": round(correct / n, 4)}
+    if "work" in parts[0]:  # newslora's score mode: the work it executed, against the machine's peak
+        work = Work()
+        for p in parts:
+            work += p["work"]
+        gflops = fm.flops(work) / seconds / 1e9
+        out |= {"executed_tokens": work.executed_tokens, "padded_tokens": work.padded_tokens,
+                "padding_share": round(1 - work.executed_tokens / work.padded_tokens, 3),
+                "gflop_per_item": round(fm.flops(work) / n / 1e9, 2),
+                "executed_gflops_per_s": round(gflops, 1), "fraction_of_bf16_peak": round(gflops / peak_gflops, 3)}
+    return out
 
 
 def main() -> None:
@@ -136,6 +190,7 @@ def main() -> None:
     ap.add_argument("--model-dir", type=Path, default=None, help="SmolLM2 checkpoint folder (default: the preset)")
     args = ap.parse_args()
     load_before = os.getloadavg()
+    peak_before = matmul_gflops(torch.bfloat16)
     from workers.inference.classify import AdapterRef, get_engine
     from workers.modeling.registry import resolve_model
     model_dir = args.model_dir or resolve_model("smollm2-135m")
@@ -152,6 +207,7 @@ def main() -> None:
         rounds = args.rounds or max(1, math.ceil(n_ref / 16))
         parts: dict[str, list[dict]] = {k: [] for k in ("reference_fp32", "reference_bf16", "newslora_base",
                                                         "newslora_adapter")}
+        round_peaks: list[float] = []  # the bf16 peak measured right after each round's classification
         for r in range(rounds):
             lo, hi = r * len(items) // rounds, (r + 1) * len(items) // rounds
             rlo, rhi = r * n_ref // rounds, (r + 1) * n_ref // rounds
@@ -161,7 +217,11 @@ def main() -> None:
             runs = [("newslora_base", None), ("newslora_adapter", adapter)]
             for name, which in runs[::1 if r % 2 == 0 else -1]:  # alternate which goes first
                 parts[name].append(newslora_score(engine, items[lo:hi], adapter=which, batch_size=args.batch_size))
-    out = {name: _total(p) for name, p in parts.items()}
+            round_peaks.append(matmul_gflops(torch.bfloat16, reps=6))
+    peak_after = matmul_gflops(torch.bfloat16)
+    peak = max([peak_before, peak_after] + round_peaks)  # a peak: the best measurement of the run
+    fm = FlopModel.forward_only(model_dir)
+    out = {name: _total(p, fm, peak) for name, p in parts.items()}
     rate = {name: o["items_per_s"] for name, o in out.items()}
     print(json.dumps({
         "model": "SmolLM2-135M-Instruct", "n": len(items), "n_reference": n_ref, "rounds": rounds,
@@ -169,7 +229,15 @@ def main() -> None:
         "newslora_dtype": str(engine.torch_dtype).replace("torch.", ""), "batch_size": args.batch_size,
         "adapter": str(args.adapter) if args.adapter else "random, presets' shape " + json.dumps(PRESET_LORA),
         "load_avg_before": [round(x, 2) for x in load_before], "load_avg_after": [round(x, 2) for x in os.getloadavg()],
+        "bf16_matmul_peak_gflops": {"best": round(peak, 1), "before": round(peak_before, 1),
+                                    "after": round(peak_after, 1), "rounds": [round(x, 1) for x in round_peaks]},
+        "flop_model": asdict(fm),
         **out,
+        # per round: the adapter's executed GFLOP/s against the peak measured right after that round (the
+        # fairer fraction where the machine's matmul rate itself moves)
+        "per_round_adapter": [{"executed_gflops_per_s": round(g := fm.flops(p["work"]) / p["seconds"] / 1e9, 1),
+                               "bf16_peak_gflops": round(pk, 1), "fraction_of_round_peak": round(g / pk, 3)}
+                              for p, pk in zip(parts["newslora_adapter"], round_peaks)],
         "adapter_vs_base": round(rate["newslora_adapter"] / rate["newslora_base"], 3),
         "speedup_vs_reference_fp32": {k: round(rate[k] / rate["reference_fp32"], 2)
                                       for k in ("newslora_base", "newslora_adapter")},

@@ -31,7 +31,8 @@ Tokens, per backend:
   once per batch, the others once per example. padded_tokens adds the padding the batches carried;
   padding_share = 1 - executed / padded.
 
-FLOPs of the work executed (padding excluded, so never more than was computed; `FlopModel`):
+FLOPs of the work executed (padding excluded, so never more than was computed; `FlopModel` in bench/flops.py,
+which bench/infer_throughput.py counts with too):
 - decoder linear layers, frozen: forward 2*N a token; backward activation gradients 2*N for the modules
   whose input needs a gradient (none below the lowest adapted layer, none for that layer's q|k|v; no
   weight gradients); N = the decoder's linear parameters (embedding and LM head apart);
@@ -62,7 +63,7 @@ import random
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -71,6 +72,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.flops import FlopModel, Work, matmul_gflops, shape_ceiling_gflops  # noqa: E402
 from bench.torchtune_throughput import torchtune_tokens_per_s  # noqa: E402
 from core.contracts.dataset import DatasetMeta  # noqa: E402
 from core.settings import get_settings  # noqa: E402
@@ -99,62 +101,8 @@ def write_dataset(root: Path, n: int) -> Path:
     return root
 
 
-def matmul_gflops(dtype: torch.dtype, sizes: Sequence[int] = (1024, 2048), reps: int = 12) -> float:
-    """A peak: the fastest single n x n matmul over a few sizes. The size matters on this CPU (bf16 AMX:
-    ~1.7 TFLOP/s at 1024, ~0.8 at 2048, whose operands outgrow the cache), and one call is less likely
-    than a run of calls to be interrupted by other work."""
-    best = 0.0
-    for n in sizes:
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        a @ b
-        for _ in range(reps):
-            t = time.perf_counter()
-            a @ b
-            best = max(best, 2 * n ** 3 / (time.perf_counter() - t) / 1e9)
-    return best
-
-
-def shape_ceiling_gflops(model_dir: Path, tokens: int, reps: int = 5) -> float:
-    """GFLOP/s of the decoder's frozen linear layers alone at `tokens` rows in bf16: each layer's forward
-    x @ W^T and activation gradient dy @ W, the fastest of `reps` passes over all of them."""
-    from transformers import AutoConfig
-    c = AutoConfig.from_pretrained(model_dir)
-    h, kv, inter = c.hidden_size, c.num_key_value_heads * (c.hidden_size // c.num_attention_heads), c.intermediate_size
-    shapes = [(h, h), (h, kv), (h, kv), (h, h), (h, inter), (h, inter), (inter, h)]
-    ops = []
-    for i, o in shapes:
-        x, w, g = (torch.randn(tokens, i, dtype=torch.bfloat16), torch.randn(o, i, dtype=torch.bfloat16),
-                   torch.randn(tokens, o, dtype=torch.bfloat16))
-        ops.append((x, w, g))
-    flops = sum(4 * tokens * w.shape[0] * w.shape[1] for _, w, _ in ops)
-    best = float("inf")
-    for _ in range(reps + 1):
-        t = time.perf_counter()
-        for x, w, g in ops:
-            torch.nn.functional.linear(x, w)
-            g @ w
-        best = min(best, time.perf_counter() - t)
-    return flops / best / 1e9
-
-
 # --------------------------------------------------------------------------------------------------
 # What a step executed, and what it cost
-
-
-@dataclass
-class Work:
-    """Counts over one or more steps (see the module docstring)."""
-
-    data_tokens: int = 0
-    executed_tokens: int = 0
-    padded_tokens: int = 0
-    head_positions: int = 0  # LM-head rows, padding excluded
-    attn_keys: int = 0  # sum over executed tokens of the causal keys each attends to
-
-    def __iadd__(self, other: "Work") -> "Work":
-        for k, v in asdict(other).items():
-            setattr(self, k, getattr(self, k) + v)
-        return self
 
 
 def padded_batch_work(lengths: Sequence[int]) -> Work:
@@ -172,57 +120,6 @@ def shared_prefix_work(batch: Any) -> Work:
     attn = P * (P + 1) // 2 + sum(n * P + n * (n + 1) // 2 for n in rows)
     return Work(data_tokens=int(batch.n_tokens), executed_tokens=P + sum(rows), padded_tokens=P + B * S,
                 head_positions=int(batch.n_targets), attn_keys=attn)
-
-
-@dataclass(frozen=True)
-class FlopModel:
-    """FLOPs a token costs, per part, counting only what autograd runs: below the lowest adapted layer
-    (`lora.top_layers`) nothing needs a gradient, and in that layer a module's activation gradient is
-    computed only when something adapted feeds its input."""
-    linear_fwd: int  # decoder linear parameters (forward: 2 FLOPs each a token)
-    linear_bwd: int  # frozen linear parameters whose input needs a gradient (activation gradient: 2 each)
-    lora_fwd: int  # LoRA parameters (A and B of every adapted module)
-    lora_bwd: int  # FLOPs/2 of the LoRA backward a token: weight gradients, dy @ B, and du @ A where needed
-    hidden: int
-    vocab: int
-    attn_fwd_layers: int
-    attn_bwd_layers: int  # layers whose attention input needs a gradient
-
-    @classmethod
-    def of(cls, model_dir: Path, lora: Any) -> "FlopModel":
-        from transformers import AutoConfig
-        c = AutoConfig.from_pretrained(model_dir)
-        h, kv = c.hidden_size, c.num_key_value_heads * (c.hidden_size // c.num_attention_heads)
-        shapes = {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
-                  "gate_proj": (h, c.intermediate_size), "up_proj": (h, c.intermediate_size),
-                  "down_proj": (c.intermediate_size, h)}
-        # modules in the order data flows through a layer; each group reads what the groups before it made
-        groups = [("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",)]
-        targets = set(shapes) if list(lora.target_modules) == ["all-linear"] else set(lora.target_modules)
-        n_layers, r = c.num_hidden_layers, lora.rank
-        lowest = min(lora.adapted_layers(n_layers) or [0])  # the trainer's own range of adapted layers
-        lin_f = lin_b = lo_f = lo_b = attn_b = 0
-        for layer in range(n_layers):
-            grad_in = layer > lowest  # the residual stream needs a gradient above the lowest adapted layer
-            for gi, group in enumerate(groups):
-                for name in group:
-                    i, o = shapes[name]
-                    lin_f += i * o
-                    lin_b += i * o if grad_in else 0
-                    if layer >= lowest and name in targets:
-                        lo_f += r * (i + o)
-                        lo_b += r * (i + o) + r * o + (r * i if grad_in else 0)
-                if gi == 0:
-                    attn_b += 1 if grad_in or (layer == lowest and targets & set(group)) else 0
-                if layer >= lowest and targets & set(group):
-                    grad_in = True
-        return cls(linear_fwd=lin_f, linear_bwd=lin_b, lora_fwd=lo_f, lora_bwd=lo_b, hidden=h,
-                   vocab=c.vocab_size, attn_fwd_layers=n_layers, attn_bwd_layers=attn_b)
-
-    def flops(self, w: Work) -> float:
-        return (w.executed_tokens * 2 * (self.linear_fwd + self.linear_bwd + self.lora_fwd + self.lora_bwd)
-                + w.attn_keys * self.hidden * (4 * self.attn_fwd_layers + 8 * self.attn_bwd_layers)
-                + w.head_positions * 4 * self.vocab * self.hidden)
 
 
 # --------------------------------------------------------------------------------------------------

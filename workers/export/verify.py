@@ -33,7 +33,9 @@ class Verification:
     disagreements: list[dict[str, Any]]  # the first few: item id, adapter label, export label
     reloaded_with: str
     dtype: str
-    seconds: float
+    seconds: float  # the whole check: the adapter path's labels, then the export's
+    reference_seconds: float  # the adapter path's labels (~0 where this process had them from an earlier export)
+    export_seconds: float  # the export reloaded and classifying the articles (loading included)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -108,7 +110,7 @@ def _accuracy(items: list[dict], labels: dict[str, str | None]) -> float | None:
 
 def _verification(ref: dict[str, str | None], got: dict[str, str | None], *, export_accuracy: float | None,
                   adapter_accuracy: float | None, min_agreement: float, reloaded_with: str, dtype: str,
-                  start: float) -> Verification:
+                  start: float, reference_done: float) -> Verification:
     ids = [iid for iid in ref if ref[iid] is not None]
     same = [iid for iid in ids if got.get(iid) == ref[iid]]
     agreement = len(same) / len(ids) if ids else 0.0
@@ -116,7 +118,9 @@ def _verification(ref: dict[str, str | None], got: dict[str, str | None], *, exp
     return Verification(n=len(ids), agreement=round(agreement, 4), min_agreement=min_agreement,
                         passed=bool(ids) and agreement >= min_agreement, export_accuracy=export_accuracy,
                         adapter_accuracy=adapter_accuracy, disagreements=diffs[:10], reloaded_with=reloaded_with,
-                        dtype=dtype, seconds=round(time.perf_counter() - start, 1))
+                        dtype=dtype, seconds=round(time.perf_counter() - start, 1),
+                        reference_seconds=round(reference_done - start, 1),
+                        export_seconds=round(time.perf_counter() - reference_done, 1))
 
 
 def compare_to_adapter(export_model_dir: Path, items: list[dict], *, adapter: AdapterRef, base_model: str,
@@ -135,6 +139,7 @@ def compare_to_adapter(export_model_dir: Path, items: list[dict], *, adapter: Ad
     spec = ClassifySpec(dataset_id=1, mode="score", batch_size=batch_size, dtype=dtype, device=device)
     ref, ref_summary = _reference_labels(items, adapter=adapter, base_model=base_model, label_names=label_names,
                                          instruction=instruction, template=template, spec=spec, ctx=ctx)
+    reference_done = time.perf_counter()
     engine = InferenceEngine(str(export_model_dir), dtype=dtype, device=device)  # not cached: used once
     try:
         got, got_summary = _classify(engine, items, adapter=None, model_ref=str(export_model_dir),
@@ -144,7 +149,7 @@ def compare_to_adapter(export_model_dir: Path, items: list[dict], *, adapter: Ad
         del engine
     return _verification(ref, got, export_accuracy=got_summary.get("accuracy"),
                          adapter_accuracy=ref_summary.get("accuracy"), min_agreement=min_agreement,
-                         reloaded_with=reloaded_with, dtype=dtype, start=start)
+                         reloaded_with=reloaded_with, dtype=dtype, start=start, reference_done=reference_done)
 
 
 def compare_gguf_in_llamacpp(gguf_path: Path, tokenizer_ref: Path, items: list[dict], *, adapter: AdapterRef,
@@ -160,8 +165,8 @@ def compare_gguf_in_llamacpp(gguf_path: Path, tokenizer_ref: Path, items: list[d
     spec = ClassifySpec(dataset_id=1, mode="score", batch_size=batch_size, dtype=dtype, device=device)
     ref, ref_summary = _reference_labels(items, adapter=adapter, base_model=base_model, label_names=label_names,
                                          instruction=instruction, template=template, spec=spec, ctx=ctx)
-    how = f"llama.cpp (llama-cpp-python {llamacpp_version()}, {quant})"
-    ctx.event(f"verify ({how}): loading {gguf_path.name}")
+    reference_done = time.perf_counter()
+    ctx.event(f"verify (llama.cpp): loading {gguf_path.name}")
     clf = LlamaCppClassifier(gguf_path, tokenizer_ref, template=template, instruction=instruction,
                              label_names=label_names, threads=threads)
     try:
@@ -170,11 +175,13 @@ def compare_gguf_in_llamacpp(gguf_path: Path, tokenizer_ref: Path, items: list[d
         for i in range(0, len(items), step):
             ctx.check_cancel()
             got.update(clf.classify(items[i:i + step]))
-            ctx.progress(len(got), len(items), message=f"verify ({how}): classified")
+            ctx.progress(len(got), len(items), message="verify (llama.cpp): classified")
+        how = f"llama.cpp (llama-cpp-python {llamacpp_version()}, {quant}, {clf.mode}, {clf.threads_used()})"
     finally:
         clf.close()
     return _verification(ref, got, export_accuracy=_accuracy(items, got), adapter_accuracy=ref_summary.get("accuracy"),
-                         min_agreement=min_agreement, reloaded_with=how, dtype=f"gguf {quant}", start=start)
+                         min_agreement=min_agreement, reloaded_with=how, dtype=f"gguf {quant}", start=start,
+                         reference_done=reference_done)
 
 
 def reload_gguf_as_checkpoint(gguf_dir: Path, gguf_name: str, target: Path) -> Path:

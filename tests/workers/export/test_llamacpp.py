@@ -32,6 +32,9 @@ def test_gguf_export_is_verified_in_llamacpp(tiny_adapter, tiny_dataset, tmp_pat
     assert v["reloaded_with"].startswith("llama.cpp (llama-cpp-python ") and quant in v["reloaded_with"]
     assert v["passed"] and v["n"] == N_TEST and v["agreement"] >= needs, v
     assert v["export_accuracy"] is not None
+    # how long the check took, and which part: the adapter's labels, then the GGUF's in llama.cpp
+    assert v["export_seconds"] > 0 and v["seconds"] == pytest.approx(v["reference_seconds"] + v["export_seconds"],
+                                                                     abs=0.15)
     assert json.loads((Path(result["path"]) / "export.json").read_text())["verification"]["reloaded_with"] == \
         v["reloaded_with"]
     assert any("GGUF in llama.cpp" in e["message"] for e in ctx.events)
@@ -77,3 +80,41 @@ def test_full_label_scoring_when_first_tokens_collide(tiny_model_dir, tmp_path):
         assert set(clf.classify(items).values()) <= set(labels)
     finally:
         clf.close()
+
+
+def test_threads_chosen_by_timing_keep_every_article_and_its_label(tiny_model_dir, tmp_path, monkeypatch):
+    """threads=None times candidate thread counts on the articles themselves: every article is still
+    classified once, in order, with the labels a fixed thread count gives; the choice is made again every
+    RETUNE_EVERY articles."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import torch
+    import workers.export.llamacpp as llamacpp
+    from workers.export.gguf_writer import write_gguf
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    write_gguf(model, AutoTokenizer.from_pretrained(tiny_model_dir), tmp_path / "tiny.gguf", quant="f16",
+               name="tiny", tokenizer_pre="smollm")
+    monkeypatch.setattr(llamacpp, "RETUNE_EVERY", 3)
+    monkeypatch.setattr(llamacpp.os, "cpu_count", lambda: 2)  # candidates 2 and 1 on any machine
+    texts = ["Stocks rallied.", "The team won the cup.", "A new chip was shown.", "Talks resumed.",
+             "Oil prices fell.", "The striker scored twice.", "A probe reached Mars.", "Rebels took the town.",
+             "Shares slid on weak sales.", "Researchers built a faster laser."]
+    items = [{"id": f"a{i}", "text": t} for i, t in enumerate(texts)]
+    kw = dict(template="alpaca", instruction=INSTRUCTION, label_names=["World", "Sports", "Business", "Sci/Tech"])
+    fixed = LlamaCppClassifier(tmp_path / "tiny.gguf", tiny_model_dir, threads=1, **kw)
+    auto = LlamaCppClassifier(tmp_path / "tiny.gguf", tiny_model_dir, threads=None, **kw)
+    try:
+        want = fixed.classify(items)
+        got = {**auto.classify(items[:4]), **auto.classify(items[4:])}  # the count carries across calls
+        assert list(got) == [it["id"] for it in items] and got == want
+        # a choice at article 0 (timing articles 0 and 1) and at article 5 (timing 5 and 6)
+        assert len(auto.thread_choices) == 2 and set(auto.thread_choices) <= {1, 2}
+        # each article's own scores, in order (a tiny model may give every article the same label)
+        bodies = auto._bodies(items)
+        for a, b in zip(auto._each(bodies, auto.scores), [fixed.scores(x.ids) for x in bodies]):
+            assert a == pytest.approx(b, abs=1e-3)
+        assert len(auto.thread_choices) == 4
+        assert auto.threads_used().startswith("threads chosen by timing: ")
+        assert fixed.threads_used() == "1 threads" and fixed.thread_choices == []
+    finally:
+        fixed.close()
+        auto.close()
