@@ -122,23 +122,3 @@ def lines_of(client, file_id: str | None) -> list[dict]:
 def batch_file(path: Path, ft: str, n: int, prefix: str = "req-") -> Path:
     path.write_text("\n".join(chat_line(f"{prefix}{i}", ft, a) for i, a in enumerate(articles(n))) + "\n")
     return path
-
-
-def _wait_batch(client, batch_id: str, *, timeout: float = 240, until=("completed", "failed", "cancelled")):
-    seen = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        b = client.batches.retrieve(batch_id)
-        seen.append(b.request_counts.completed)
-        if b.status in until:
-            return b, seen
-        time.sleep(0.05)
-    raise AssertionError(f"batch {batch_id} still {b.status} after {timeout} s")
-
-
-def _lines(client, file_id: str | None) -> list[dict]:
-    if file_id is None:
-        return []
-    return [json.loads(x) for x in client.files.content(file_id).text.splitlines() if x.strip()]
-
-
