@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from celery.exceptions import SoftTimeLimitExceeded
+from kombu.exceptions import OperationalError as BrokerUnavailable
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, ProgrammingError
 
 import broker.app  # called as broker.app.enqueue...: one name for tests to stub
@@ -86,24 +87,27 @@ def _with_store_retries(job_id: int, what: str, fn: Callable[[], Any]) -> Any:
 
 def _run_through_store_outages(job: Job, spec: Any, ctx: "StoreContext", handler: Handler) -> Any:
     """Run the handler; where it fails because the database is unreachable (a read of its inputs during a
-    PostgreSQL restart, found by the soak), run it again once the store answers, boundedly. A handler is
-    idempotent by job id (what it stored is skipped, training resumes from its checkpoint, a registration looks
-    its row up first), as a re-delivered job's is.
+    PostgreSQL restart, found by the soak) or the broker is (a sharded classify job sending its shards while
+    Redis restarts, found by the soak), run it again once they answer, boundedly. A handler is idempotent by
+    job id (what it stored is skipped, training resumes from its checkpoint, a registration looks its row up
+    first, shards already made are sent again, not made again), as a re-delivered job's is.
 
     Raises:
-        sqlalchemy.exc.DBAPIError: still unreachable after NEWSLORA_WAIT_RETRIES runs (or a bad statement).
+        sqlalchemy.exc.DBAPIError, kombu.exceptions.OperationalError: still unreachable after
+            NEWSLORA_WAIT_RETRIES runs (or a bad statement).
     """
     retries = max(1, get_settings().wait_retries)
     for attempt in range(retries):
         try:
             return handler(job, spec, ctx)
-        except DBAPIError as e:
-            if not is_store_down(e) or attempt == retries - 1:
+        except (DBAPIError, BrokerUnavailable) as e:
+            if (isinstance(e, DBAPIError) and not is_store_down(e)) or attempt == retries - 1:
                 raise
-            log.warning("job %s: the database is unavailable (%s); running the job again (try %d/%d)", job.id,
-                        type(e.orig or e).__name__, attempt + 2, retries)
+            what = "database" if isinstance(e, DBAPIError) else "broker"
+            log.warning("job %s: the %s is unavailable (%s); running the job again (try %d/%d)", job.id, what,
+                        type(getattr(e, "orig", None) or e).__name__, attempt + 2, retries)
             time.sleep(min(5.0, 0.5 * (attempt + 1)))
-            ctx.event("the database was unavailable: running the job again from what it stored")
+            ctx.event(f"the {what} was unavailable: running the job again from what it stored")
 
 
 class StoreContext:

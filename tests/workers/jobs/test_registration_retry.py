@@ -144,3 +144,33 @@ def test_progress_after_a_cancel_writes_nothing_and_stops_the_job(store):
 def test_a_bad_statement_is_not_taken_for_an_outage():
     from workers.jobs.runner import is_store_down
     assert not is_store_down(ProgrammingError("SELECT nope", {}, RuntimeError('column "nope" does not exist')))
+
+
+def test_a_sharded_job_whose_shards_meet_a_broker_outage_runs_again(store, monkeypatch, tiny_model_dir):
+    """Found by the soak (seed 1's run on the final code): a sharded classify job failed with `OperationalError:
+    Error 111 connecting to ...` sending its shards while Redis restarted. The runner runs the handler again
+    once the broker answers: the shards already made are sent, not made again."""
+    import broker.app
+    from kombu.exceptions import OperationalError as BrokerUnavailable
+    monkeypatch.setenv("NEWSLORA_CLASSIFY_SHARD_SIZE", "2")
+    from core.settings import reset_settings
+    reset_settings()
+    sent: list[int] = []
+
+    def flaky_enqueue(job_id: int, kind: str, queue: str | None = None) -> None:
+        if not sent:
+            sent.append(-1)
+            raise BrokerUnavailable("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+        sent.append(job_id)
+    monkeypatch.setattr(broker.app, "enqueue", flaky_enqueue)
+    monkeypatch.setattr(broker.app, "enqueue_advance", lambda job_id: None)
+    items = [{"id": f"a{i}", "text": f"story {i}"} for i in range(5)]
+    with session_scope() as s:
+        job_id = jobq.create_job(session=s, kind="classify", queue="gpu",
+                                 spec={"items": items, "model": str(tiny_model_dir), "dtype": "fp32"}).id
+    assert run_job(job_id, "classify", HANDLERS["classify"]) == "sharded"
+    with session_scope() as s:
+        kids = jobq.children(job_id, session=s)
+        events = [e.message for e in jobq.events(job_id, session=s)]
+    assert len(kids) == 3 and sorted(sent[1:]) == sorted(k.id for k in kids)  # three shards, each sent once
+    assert any("broker was unavailable" in m for m in events), events
