@@ -79,8 +79,9 @@ def test_a_resumed_budget_run_keeps_its_plan_and_its_clock(tiny_model_dir, ag_ne
     from workers.train.checkpoint import STATE_FILE, latest_checkpoint
     ds = write_dataset(tmp_path / "ds", ag_news_dir, n_train=48, n_val=8)
     out = tmp_path / "run"
-    spec = tiny_spec(tiny_model_dir, max_steps=None, max_minutes=20 / 60, eval_every=40, warmup_steps=2,
-                     save_every=100)
+    # eval_every past the run: no validation revises the plan, so the resumed run must end where the first planned
+    spec = tiny_spec(tiny_model_dir, max_steps=None, max_minutes=20 / 60, eval_every=10**6, warmup_steps=2,
+                     save_every=10**6)
     with pytest.raises(JobCancelled):  # cancelled after the plan (step 5): a checkpoint at the cancel
         train_adapter(spec, ds, out, LocalContext(work_dir=tmp_path, cancel_after_checks=6))
     state = torch.load(latest_checkpoint(out) / STATE_FILE, weights_only=False)
