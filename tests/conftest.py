@@ -80,6 +80,25 @@ def make_tiny_llama(out_dir: Path, tokenizer_dir: Path, *, seed: int = 0, hidden
     return out_dir
 
 
+def make_tiny_adapter(base_dir: Path, out: Path, labels: list[str] | None = None) -> Path:
+    """A seeded LoRA adapter (q and v, rank 4) on a tiny model, with the newslora.json training writes."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    from core.contracts.adapter import AdapterMeta
+    from workers.modeling.prompts import default_instruction
+    from workers.modeling.registry import model_digest
+    labels = labels or ["World", "Sports", "Business", "Sci/Tech"]
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                 init_lora_weights=False))
+    peft_model.save_pretrained(out)
+    AdapterMeta(template="alpaca", instruction=default_instruction(labels), label_names=labels,
+                base_model=str(base_dir), base_model_digest=model_digest(base_dir)).save(out)
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(smollm2_dir, tmp_path_factory) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama", smollm2_dir)

@@ -7,29 +7,11 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
-from tests.conftest import AG_NEWS_DIR
+from tests.conftest import AG_NEWS_DIR, make_tiny_adapter
 
 LABELS = ["World", "Sports", "Business", "Sci/Tech"]
 TOKEN = "openai-sdk-test-token"
-
-
-def tiny_adapter(base_dir: Path, out: Path) -> Path:
-    """A seeded LoRA adapter on the tiny model with the newslora.json training writes (as training would)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-    from core.contracts.adapter import AdapterMeta
-    from workers.modeling.prompts import default_instruction
-    from workers.modeling.registry import model_digest
-    torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                 init_lora_weights=False))
-    peft_model.save_pretrained(out)
-    AdapterMeta(template="alpaca", instruction=default_instruction(LABELS), label_names=LABELS,
-                base_model=str(base_dir), base_model_digest=model_digest(base_dir)).save(out)
-    return out
 
 
 def articles(n: int) -> list[str]:
@@ -79,7 +61,7 @@ def make_stack(stack_factory, tiny_model_dir, tmp_path, *, pg_url: str | None, r
         st.start_worker(f"worker{i or ''}")
     if not pg_url:
         eng = create_engine(f"sqlite:///{st.env['NEWSLORA_HOME']}/newslora.sqlite")
-    adapter_dir = tiny_adapter(tiny_model_dir, tmp_path / "adapter")
+    adapter_dir = make_tiny_adapter(tiny_model_dir, tmp_path / "adapter", LABELS)
     with Session(eng) as s, s.begin():
         art = ModelArtifact(kind="adapter", name="tiny-lora", base_model=str(tiny_model_dir), path=str(adapter_dir),
                             spec={"suffix": "agnews"})

@@ -4,7 +4,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from core.contracts.adapter import AdapterMeta
 from db import jobs as jobq
@@ -13,24 +12,9 @@ from db.session import init_db, session_scope
 from workers.inference.classify import clear_engines
 from workers.jobs.handlers import HANDLERS
 from workers.jobs.runner import run_job
-from workers.modeling.prompts import default_instruction
-from workers.modeling.registry import model_digest
+from tests.conftest import make_tiny_adapter
 
 LABELS = ["World", "Sports", "Business", "Sci/Tech"]
-
-
-def _tiny_adapter(base_dir: Path, out: Path) -> Path:
-    """A seeded LoRA adapter on the tiny model, with the newslora.json training writes."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-    torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                 init_lora_weights=False))
-    peft_model.save_pretrained(out)
-    AdapterMeta(template="alpaca", instruction=default_instruction(LABELS), label_names=LABELS,
-                base_model=str(base_dir), base_model_digest=model_digest(base_dir)).save(out)
-    return out
 
 
 @pytest.fixture
@@ -47,7 +31,7 @@ def _job(kind: str, spec: dict) -> int:
 
 
 def test_a_classify_job_reads_its_adapters_newslora_json_once(store, tiny_model_dir, tmp_path, monkeypatch):
-    adapter_dir = _tiny_adapter(tiny_model_dir, tmp_path / "adapter")
+    adapter_dir = make_tiny_adapter(tiny_model_dir, tmp_path / "adapter", LABELS)
     with session_scope() as s:
         adapter_id = resq.add_model_artifact(session=s, kind="adapter", name="a", base_model=str(tiny_model_dir),
                                              path=str(adapter_dir), spec={}).id

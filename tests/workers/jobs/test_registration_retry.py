@@ -97,8 +97,8 @@ def test_a_classify_job_whose_adapter_read_meets_a_database_outage_runs_again(st
     the connection unexpectedly` reading its adapter's row while PostgreSQL restarted. The runner now runs a
     handler again when the store was unreachable (handlers are idempotent by job id)."""
     from workers.jobs import store_inputs
-    from tests.api.openai.conftest import tiny_adapter
-    adapter_dir = tiny_adapter(tiny_model_dir, store / "adapter")
+    from tests.conftest import make_tiny_adapter
+    adapter_dir = make_tiny_adapter(tiny_model_dir, store / "adapter")
     with session_scope() as s:
         art = resq.add_model_artifact(session=s, job_id=None, kind="adapter", name="tiny", base_model=str(tiny_model_dir), spec={},
                                       path=str(adapter_dir))
