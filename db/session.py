@@ -43,8 +43,11 @@ def get_engine(url: str | None = None) -> Engine:
         return engine
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url[len("postgresql://"):]
+    # prepare_threshold=None: no server-side prepared statements. psycopg prepares a statement after its fifth
+    # run on a connection; after a PostgreSQL restart a write failed with `InvalidSqlStatementName: prepared
+    # statement "_pg3_2" does not exist` (found by the soak, issue #27). The statements here are short.
     return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10,
-                         connect_args={"connect_timeout": 5})
+                         connect_args={"connect_timeout": 5, "prepare_threshold": None})
 
 
 @lru_cache(maxsize=8)

@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.orm import Session
+
 from core.atomic import reports_disk_full
 from core.settings import get_settings
 from core.specs import spec_hash
@@ -25,7 +27,6 @@ from core.specs.train import TrainSpec
 from core.version import code_version
 from db import results as resq
 from db.models import Job
-from db.session import session_scope
 from workers.data.prep import prepare_dataset
 from workers.evaluation.evaluate import run_evaluation
 from workers.export import export_adapter
@@ -56,13 +57,12 @@ def _run_prep(job: Job, spec: PrepSpec, ctx: StoreContext) -> dict[str, Any]:
     with reports_disk_full(out_dir):
         meta = prepare_dataset(spec, out_dir, ctx)
 
-    def register() -> dict[str, Any]:
-        with session_scope() as s:
-            ds = resq.dataset_by_job(job.id, session=s) or resq.add_dataset(
-                session=s, job_id=job.id, name=spec.name, path=str(out_dir), hash=meta["hash"],
-                spec_hash=spec_hash(spec.model_dump(mode="json")), spec=spec.model_dump(mode="json"), meta=meta)
-            return {"dataset_id": ds.id, "path": str(out_dir), "hash": meta["hash"], "meta": meta}
-    return ctx.with_store_retries("the dataset's registration", register)
+    def register(s: Session) -> dict[str, Any]:
+        ds = resq.dataset_by_job(job.id, session=s) or resq.add_dataset(
+            session=s, job_id=job.id, name=spec.name, path=str(out_dir), hash=meta["hash"],
+            spec_hash=spec_hash(spec.model_dump(mode="json")), spec=spec.model_dump(mode="json"), meta=meta)
+        return {"dataset_id": ds.id, "path": str(out_dir), "hash": meta["hash"], "meta": meta}
+    return ctx.register("the dataset's registration", register)
 
 
 def _run_train(job: Job, spec: TrainSpec, ctx: StoreContext) -> dict[str, Any]:
@@ -73,17 +73,16 @@ def _run_train(job: Job, spec: TrainSpec, ctx: StoreContext) -> dict[str, Any]:
         result = train_adapter(spec, dataset_dir, out_dir, ctx)
     # No cancel check from here on: the adapter is written, and a cancel this late would leave it unregistered.
 
-    def register() -> dict[str, Any]:
-        with session_scope() as s:
-            art = resq.artifact_by_job(job.id, session=s) or resq.add_model_artifact(
-                session=s, job_id=job.id, kind="adapter", name=f"{spec.model}-lora-job{job.id}",
-                base_model=spec.model, path=result.adapter_dir,
-                spec=spec.model_dump(mode="json"), spec_hash=spec_hash({**spec.model_dump(mode="json"),
-                                                                         "dataset_hash": ds.hash}),
-                dataset_id=ds.id, dataset_hash=ds.hash, metrics=result.metrics.model_dump(mode="json"),
-                code_version=code_version())
-            return result.model_copy(update={"adapter_id": art.id}).model_dump(mode="json")  # a TrainResult
-    return ctx.with_store_retries("the adapter's registration", register)
+    def register(s: Session) -> dict[str, Any]:
+        art = resq.artifact_by_job(job.id, session=s) or resq.add_model_artifact(
+            session=s, job_id=job.id, kind="adapter", name=f"{spec.model}-lora-job{job.id}",
+            base_model=spec.model, path=result.adapter_dir,
+            spec=spec.model_dump(mode="json"), spec_hash=spec_hash({**spec.model_dump(mode="json"),
+                                                                     "dataset_hash": ds.hash}),
+            dataset_id=ds.id, dataset_hash=ds.hash, metrics=result.metrics.model_dump(mode="json"),
+            code_version=code_version())
+        return result.model_copy(update={"adapter_id": art.id}).model_dump(mode="json")  # a TrainResult
+    return ctx.register("the adapter's registration", register)
 
 
 def _run_classify(job: Job, spec: ClassifySpec, ctx: StoreContext) -> dict[str, Any]:
@@ -107,21 +106,16 @@ def _run_evaluate(job: Job, spec: EvaluateSpec, ctx: StoreContext) -> dict[str, 
     with reports_disk_full(report_dir):
         doc, report_path = run_evaluation(spec, evaluation_inputs(spec), ctx, report_dir=report_dir)
 
-    def register() -> dict[str, Any]:
-        with session_scope() as s:
-            ev = resq.evaluation_by_job(job.id, session=s) or resq.add_evaluation(
-                session=s, job_id=job.id, name=spec.name or f"evaluation {job.id}", spec=spec.model_dump(mode="json"),
-                document=doc.model_dump(mode="json"), report_path=report_path)
-            return {"evaluation_id": ev.id, "report_path": report_path,
-                    "accuracy": {name: m.get("accuracy") for name, m in doc.models.items()}}
-    return ctx.with_store_retries("the evaluation's registration", register)
+    def register(s: Session) -> dict[str, Any]:
+        ev = resq.evaluation_by_job(job.id, session=s) or resq.add_evaluation(
+            session=s, job_id=job.id, name=spec.name or f"evaluation {job.id}", spec=spec.model_dump(mode="json"),
+            document=doc.model_dump(mode="json"), report_path=report_path)
+        return {"evaluation_id": ev.id, "report_path": report_path,
+                "accuracy": {name: m.get("accuracy") for name, m in doc.models.items()}}
+    return ctx.register("the evaluation's registration", register)
 
 
 def _run_export(job: Job, spec: ExportSpec, ctx: StoreContext) -> dict[str, Any]:
-    with session_scope() as s:  # a re-delivered job whose export was registered: done
-        done = resq.artifact_by_job(job.id, session=s)
-        if done is not None:
-            return {"export_id": done.id, "path": done.path, **(done.metrics or {})}
     art = adapter_artifact(spec.adapter_id)
     dataset_id = spec.dataset_id or art.dataset_id
     dataset_dir = prepared_dataset(dataset_id)[0] if spec.verify and dataset_id else None
@@ -129,20 +123,19 @@ def _run_export(job: Job, spec: ExportSpec, ctx: StoreContext) -> dict[str, Any]
     result = export_adapter(spec, AdapterRef(spec.adapter_id, Path(art.path)), out_dir, ctx,
                             dataset_dir=dataset_dir, dataset_hash=art.dataset_hash)
 
-    def register() -> dict[str, Any]:
-        with session_scope() as s:
-            exp = resq.artifact_by_job(job.id, session=s) or resq.add_model_artifact(
-                session=s, job_id=job.id, kind="export", source_adapter_id=spec.adapter_id,
-                base_model=art.base_model, path=result["path"],
-                name=f"adapter{spec.adapter_id}-{spec.format}" + (f"-{spec.quant}" if spec.quant else ""),
-                hash=result["hash"], spec=spec.model_dump(mode="json"),
-                spec_hash=spec_hash(spec.model_dump(mode="json")), dataset_id=art.dataset_id,
-                dataset_hash=art.dataset_hash, code_version=code_version(),
-                metrics={"adapter_id": spec.adapter_id, "format": spec.format, "quant": spec.quant,
-                         "files": result["files"], "verification": result["verification"]})
-            return {"export_id": exp.id, "path": result["path"], "format": spec.format, "quant": spec.quant,
-                    "verification": result["verification"]}
-    return ctx.with_store_retries("the export's registration", register)
+    def register(s: Session) -> dict[str, Any]:
+        exp = resq.artifact_by_job(job.id, session=s) or resq.add_model_artifact(
+            session=s, job_id=job.id, kind="export", source_adapter_id=spec.adapter_id,
+            base_model=art.base_model, path=result["path"],
+            name=f"adapter{spec.adapter_id}-{spec.format}" + (f"-{spec.quant}" if spec.quant else ""),
+            hash=result["hash"], spec=spec.model_dump(mode="json"),
+            spec_hash=spec_hash(spec.model_dump(mode="json")), dataset_id=art.dataset_id,
+            dataset_hash=art.dataset_hash, code_version=code_version(),
+            metrics={"adapter_id": spec.adapter_id, "format": spec.format, "quant": spec.quant,
+                     "files": result["files"], "verification": result["verification"]})
+        return {"export_id": exp.id, "path": result["path"], "format": spec.format, "quant": spec.quant,
+                "verification": result["verification"]}
+    return ctx.register("the export's registration", register)
 
 
 HANDLERS: dict[str, Handler] = {

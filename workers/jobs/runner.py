@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 from celery.exceptions import SoftTimeLimitExceeded
 from kombu.exceptions import OperationalError as BrokerUnavailable
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, ProgrammingError
+from sqlalchemy.orm import Session
 
 import broker.app  # called as broker.app.enqueue...: one name for tests to stub
 from core.context import JobCancelled
@@ -127,6 +128,7 @@ class StoreContext:
         self._stop = threading.Event()
         self._last_progress_write = 0.0
         self._last_progress_event = 0.0
+        self.finished = False  # ended `succeeded` by `register`, with what it registered
         self.shard_parent: int | None = None  # a shard of a sharded classify job: its progress rolls up there
         self._thread = threading.Thread(target=self._heartbeat, name=f"heartbeat-{job_id}", daemon=True)
 
@@ -190,6 +192,29 @@ class StoreContext:
             db.session.StoreUnavailable: still unreachable after NEWSLORA_WAIT_RETRIES tries.
         """
         return _with_store_retries(self.job_id, what, fn)
+
+    def register(self, what: str, fn: Callable[[Session], dict[str, Any]]) -> dict[str, Any]:
+        """Register what the job made and end it `succeeded`, in one transaction: `fn(session)` adds the row
+        (a dataset, an adapter, an evaluation, an export) and returns the job's result. A registered row
+        without its job succeeded cannot exist, so a job re-delivered after its worker died between the two
+        (then cancelled on its re-run: found by the soak, issue #27) never runs again: its claim finds it
+        finished. Retried while the database restarts; `fn` looks its row up by job id first.
+
+        Raises:
+            LeaseLost: another worker holds the job now (nothing is registered; it registers its own).
+            db.session.StoreUnavailable: still unreachable after NEWSLORA_WAIT_RETRIES tries.
+        """
+        def write() -> dict[str, Any]:
+            with session_scope() as s:
+                result = _jsonable(fn(s))
+                if not jobq.finish(self.job_id, "succeeded", session=s, result=result, worker=self._worker):
+                    job = s.get(Job, self.job_id)  # a retry of a commit that landed before the connection broke
+                    if job is None or job.status != "succeeded" or job.lease_owner != self._worker:
+                        raise LeaseLost(f"job {self.job_id}: another worker took it over before {what}")
+                return result
+        result = _with_store_retries(self.job_id, what, write)
+        self.finished = True
+        return result
 
     def check_lease(self) -> None:
         """Raise LeaseLost when another worker took the job over (this one was presumed dead)."""
@@ -283,9 +308,11 @@ def run_job(job_id: int, kind: str, handler: Handler, *, worker: str | None = No
     try:
         spec = parse_spec(kind, job.spec)
         result = _run_through_store_outages(job, spec, ctx, handler)
-        # A lost lease during the last step still counts; a cancel does not: the handler has registered what
-        # it made (a dataset, an adapter, an export), and a cancelled job must not leave a registered artifact.
-        ctx.check_lease()
+        # A lost lease during the last step still counts; a cancel does not: the handler has written what it
+        # made, and a cancelled job must not leave a registered artifact (nor an unregistered folder). A job
+        # that registered something has ended already (`StoreContext.register`).
+        if not ctx.finished:
+            ctx.check_lease()
         status, error, result = "succeeded", None, _jsonable(result or {})
     except JobCancelled:
         status, error, result = "cancelled", None, None
@@ -305,7 +332,10 @@ def run_job(job_id: int, kind: str, handler: Handler, *, worker: str | None = No
         status, result = "failed", None
     finally:
         ctx.stop()
-    _finish(job, status, error=error, result=result, worker=worker)
+    if ctx.finished:  # recorded with its registration
+        _notify_parent(job)
+    else:
+        _finish(job, status, error=error, result=result, worker=worker)
     return status
 
 

@@ -4,7 +4,7 @@ The runner used to check for a cancel after the handler had returned, and the tr
 writing the adapter and registering it: a cancel in that window ended the job `cancelled` with its dataset
 or export registered anyway (a registered artifact of a job that did not succeed), or with its adapter
 folder written and never registered (an orphan folder). Now the job succeeds and its artifact is
-registered once. Each test runs the real handler in-process (`run_job`, as a worker does) and sends the
+registered once (a registration ends the job in its own transaction, so a cancel after it is refused). Each test runs the real handler in-process (`run_job`, as a worker does) and sends the
 cancel exactly in that window; the heartbeat (every 0.05 s here) is what tells the runner.
 """
 from __future__ import annotations
@@ -60,12 +60,13 @@ def _status(job_id: int) -> str:
         return s.get(Job, job_id).status
 
 
-def test_a_cancel_after_the_dataset_is_registered_leaves_the_job_succeeded(store, tmp_path):
+def test_a_cancel_after_the_dataset_is_registered_is_refused_and_the_job_succeeded(store, tmp_path):
     job_id = _prep_job(tmp_path)
 
     def prep_then_cancel(job, spec, ctx):
-        out = HANDLERS["prep"](job, spec, ctx)  # the dataset is written and registered
-        _cancel_now(job.id)
+        out = HANDLERS["prep"](job, spec, ctx)  # the dataset is written and registered: the job has ended
+        with pytest.raises(jobq.JobStateConflict, match="already succeeded"):
+            _cancel_now(job.id)
         return out
     assert run_job(job_id, "prep", prep_then_cancel) == "succeeded"
     with session_scope() as s:
