@@ -66,6 +66,11 @@ class JobTimedOut(RuntimeError):
     pass
 
 
+def _backoff(attempt: int) -> None:
+    """The wait before the next try of a write, a handler or a job's end while the store or broker is down."""
+    time.sleep(min(5.0, 0.5 * (attempt + 1)))
+
+
 def _with_store_retries(job_id: int, what: str, fn: Callable[[], Any]) -> Any:
     """Run one store write, retrying while the database is unreachable (a restart), boundedly.
 
@@ -81,7 +86,7 @@ def _with_store_retries(job_id: int, what: str, fn: Callable[[], Any]) -> Any:
                 raise
             log.warning("job %s: the database is unavailable while writing %s (try %d/%d): %s", job_id, what,
                         attempt + 1, retries, type(e.orig or e).__name__)
-            time.sleep(min(5.0, 0.5 * (attempt + 1)))
+            _backoff(attempt)
     raise StoreUnavailable(f"the database was unreachable for {retries} tries while the job wrote {what}; "
                            f"check that PostgreSQL is up, then resubmit")
 
@@ -107,7 +112,7 @@ def _run_through_store_outages(job: Job, spec: Any, ctx: "StoreContext", handler
             what = "database" if isinstance(e, DBAPIError) else "broker"
             log.warning("job %s: the %s is unavailable (%s); running the job again (try %d/%d)", job.id, what,
                         type(getattr(e, "orig", None) or e).__name__, attempt + 2, retries)
-            time.sleep(min(5.0, 0.5 * (attempt + 1)))
+            _backoff(attempt)
             ctx.event(f"the {what} was unavailable: running the job again from what it stored")
 
 
@@ -348,7 +353,7 @@ def _finish(job: Job, status: str, *, error: str | None = None, result: dict[str
             break
         except Exception as e:  # noqa: BLE001 - keep the outcome: retry while the store is down
             log.warning("job %s: could not record %s (%s); retrying", job.id, status, type(e).__name__)
-            time.sleep(min(5.0, 0.5 * (attempt + 1)))
+            _backoff(attempt)
     _notify_parent(job)
 
 
