@@ -19,6 +19,7 @@ from datetime import timedelta
 from typing import Any
 
 import broker.app  # called as broker.app.enqueue...: one name for tests to stub
+from core.context import JobCancelled
 from core.contracts.results import ClassifyResult
 from core.settings import get_settings
 from core.specs.classify import ClassifySpec
@@ -51,6 +52,7 @@ def split(job_id: int, spec: ClassifySpec, n_items: int, *, shard_size: int | No
 
     Raises:
         ShardsPending: the items went to shard jobs (always, when there are more than `shard_size`).
+        JobCancelled: the job was cancelled (or had ended) before its shards were made: none are made or sent.
     """
     size = shard_size or get_settings().classify_shard_size
     if spec.shard is not None or n_items <= size:
@@ -59,6 +61,11 @@ def split(job_id: int, spec: ClassifySpec, n_items: int, *, shard_size: int | No
     base = spec.model_dump(mode="json", exclude={"shard"})
     to_send: list[int] = []
     with session_scope() as s:
+        # Under the job's row lock: a re-run of the parent (the broker was down sending its shards) that a cancel
+        # overtook made no shard and wrote "split into N shards" after its end (found by the soak, issue #27).
+        job = s.get(Job, job_id, with_for_update=True)
+        if job is None or job.status in TERMINAL or job.cancel_requested:
+            raise JobCancelled(f"job {job_id} was cancelled before its shards were sent")
         for index, (start, stop) in enumerate(ranges):
             child = jobq.find_by_idempotency_key(_key(job_id, index), session=s)
             if child is None:

@@ -5,6 +5,7 @@ import time
 
 import pytest
 
+from core.context import JobCancelled
 from core.contracts.prediction import PredictionRow
 from db import jobs as jobq
 from db import results as resq
@@ -144,6 +145,35 @@ def test_cancel_cascades_to_shards_and_a_failed_shard_fails_the_job(store):
     with session_scope() as s:
         assert "shard 0" in jobq.get_job(parent, session=s).error and "/x does not exist" in \
             jobq.get_job(parent, session=s).error
+
+
+def test_a_rerun_of_a_parent_that_a_cancel_overtook_makes_and_writes_nothing(store):
+    """Found by the soak (issue #27): the parent's handler ran again (the broker was down sending its shards)
+    after a cancel had ended it, and wrote "split into 3 shards" after its `cancelled` event."""
+    spec = ClassifySpec(items=_news_items(9), model="m")
+    parent = _parent(spec)
+    with pytest.raises(ShardsPending):
+        split(parent, spec, 9, shard_size=3)
+    with session_scope() as s:
+        jobq.request_cancel(parent, session=s)  # the queued shards are cancelled at once
+    assert advance(parent) == "cancelled"
+    with session_scope() as s:
+        last = jobq.events(parent, session=s)[-1].id
+    with pytest.raises(JobCancelled):
+        split(parent, spec, 9, shard_size=3)  # the re-run
+    with session_scope() as s:
+        assert [e.message for e in jobq.events(parent, session=s, after_id=last)] == []
+        assert len(jobq.children(parent, session=s)) == 3
+
+    parent = _parent(spec)  # a cancel requested before the first split: no shard is made or sent
+    with session_scope() as s:
+        jobq.request_cancel(parent, session=s)
+    sent = len(store)
+    with pytest.raises(JobCancelled):
+        split(parent, spec, 9, shard_size=3)
+    with session_scope() as s:
+        assert jobq.children(parent, session=s) == []
+    assert len(store) == sent
 
 
 @pytest.mark.slow
