@@ -30,8 +30,10 @@ reversed every other round) so that other work on a shared CPU slows them alike;
 warm-up are not timed. llama.cpp's threads spin-wait for each other, so it loses far more than torch on
 an oversubscribed CPU (2 cores at load ~6: one thread 5x faster than two): unless --threads is given, its
 thread count is chosen by timing as the export check chooses it (`threads` says what was chosen). The
-1-minute load average is recorded before every engine's slice (`load_1m`); a run is a headline only when
-all of them are near zero (`idle`). Prints JSON.
+1-minute load average is recorded before every engine's slice (`load_1m`; it counts this bench's own threads,
+~2 on 2 cores), and the cores' worth of CPU other processes used during it (`others_cores`: /proc/stat's busy
+time less this process's own); a run is a headline only when the load was under 0.5 before it started and
+no slice saw other processes use over 0.1 of a core (`idle`). Prints JSON.
 """
 from __future__ import annotations
 
@@ -57,7 +59,8 @@ from core.settings import get_settings  # noqa: E402
 
 PRESET = REPO / "configs" / "agnews-smollm2-quick.yaml"
 QUANTS = ("f16", "q8_0")
-IDLE_LOAD = 0.5  # a 1-minute load average above this: the run is not a headline
+IDLE_LOAD = 0.5  # a 1-minute load average above this before the run: not a headline
+IDLE_OTHERS = 0.1  # other processes using more than this many cores during any slice: not a headline
 
 
 def prepare(tmp: Path, train_steps: int | None):
@@ -150,12 +153,33 @@ def llamacpp_generate(clf, items: list[dict], *, max_new_tokens: int, stop: list
             "examples": [responses[str(it["id"])] for it in items[:2]]}
 
 
-def total(parts: list[dict], loads: list[float], reference: dict[str, str | None] | None) -> dict:
+def _busy_s() -> float:
+    """CPU seconds every process on the machine has spent busy since boot (/proc/stat's first line)."""
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, open("/proc/stat").readline().split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_mark() -> tuple[float, float, float]:
+    return time.perf_counter(), _busy_s(), time.process_time()
+
+
+def others_cores_since(mark: tuple[float, float, float]) -> float:
+    """Cores' worth of CPU that other processes used since `mark`: the machine's busy time less this process's
+    own (torch's and llama.cpp's threads included). The load average cannot tell: it counts this bench's own
+    threads (~2 on 2 cores while it runs)."""
+    wall0, busy0, own0 = mark
+    wall = time.perf_counter() - wall0
+    return max(0.0, (_busy_s() - busy0) - (time.process_time() - own0)) / max(wall, 1e-9)
+
+
+def total(parts: list[dict], loads: list[float], others: list[float],
+          reference: dict[str, str | None] | None) -> dict:
     """One engine's figures over its slices; `reference`: newslora's labels, for the share that agree."""
     n, seconds, correct = (sum(p[k] for p in parts) for k in ("n", "seconds", "correct"))
     labels = {k: v for p in parts for k, v in p["labels"].items()}
     out = {"n": n, "seconds": round(seconds, 2), "items_per_s": round(n / seconds, 2),
-           "accuracy": round(correct / n, 4), "load_1m": [round(x, 2) for x in loads]}
+           "accuracy": round(correct / n, 4), "load_1m": [round(x, 2) for x in loads],
+           "others_cores": [round(x, 3) for x in others]}
     if reference is not None:
         out["labels_equal_newslora"] = round(sum(labels[i] == reference.get(i) for i in labels) / n, 4)
     if any(None in p["labels"].values() or "examples" in p for p in parts):
@@ -260,6 +284,7 @@ def main() -> None:
 
         parts: dict[str, list[dict]] = {name: [] for name in runs}
         loads: dict[str, list[float]] = {name: [] for name in runs}
+        others: dict[str, list[float]] = {name: [] for name in runs}
         for r in range(args.rounds):
             lo, hi = r * len(items) // args.rounds, (r + 1) * len(items) // args.rounds
             glo, ghi = r * n_gen // args.rounds, (r + 1) * n_gen // args.rounds
@@ -269,17 +294,20 @@ def main() -> None:
                 if run["engine"] == "llamacpp" and run["mode"] == "generate" and ghi <= glo:
                     continue
                 loads[name].append(os.getloadavg()[0])
+                mark = cpu_mark()
                 if run["engine"] == "newslora":
                     parts[name].append(newslora_score(engine, items[lo:hi], batch_size=batch_size, **prompt,
                                                       adapter=adapter if run["model"] == "adapter" else None))
-                    continue
-                clf = clfs[f"{run['model']}_{run['quant']}"]
-                if run["mode"] == "generate":
-                    parts[name].append(llamacpp_generate(clf, items[glo:ghi], stop=stop, max_new_tokens=num_predict))
                 else:
-                    clf.use_mode(run["mode"])
-                    run["reading"] = clf.mode  # first tokens that collide are read as full labels
-                    parts[name].append(llamacpp_score(clf, items[lo:hi]))
+                    clf = clfs[f"{run['model']}_{run['quant']}"]
+                    if run["mode"] == "generate":
+                        parts[name].append(llamacpp_generate(clf, items[glo:ghi], stop=stop,
+                                                             max_new_tokens=num_predict))
+                    else:
+                        clf.use_mode(run["mode"])
+                        run["reading"] = clf.mode  # first tokens that collide are read as full labels
+                        parts[name].append(llamacpp_score(clf, items[lo:hi]))
+                others[name].append(others_cores_since(mark))
             print(f"round {r + 1} of {args.rounds} done", file=sys.stderr)
         for name, run in runs.items():
             if run["engine"] == "llamacpp":  # with --threads unset, every choice of this GGUF's classifier
@@ -290,8 +318,8 @@ def main() -> None:
     results: dict[str, dict[str, Any]] = {}
     for which in models:
         own = {k: v for p in parts[f"{which}/newslora_score"] for k, v in p["labels"].items()}
-        res = {name.split("/", 1)[1]: total(parts[name], loads[name], None if runs[name]["engine"] == "newslora"
-                                             else own) | {k: runs[name][k] for k in ("reading", "threads")
+        res = {name.split("/", 1)[1]: total(parts[name], loads[name], others[name],
+                                             None if runs[name]["engine"] == "newslora" else own) | {k: runs[name][k] for k in ("reading", "threads")
                                                           if k in runs[name]}
                for name in runs if runs[name]["model"] == which}
         ours = res["newslora_score"]
@@ -306,7 +334,7 @@ def main() -> None:
 
     load_after = [round(x, 2) for x in os.getloadavg()]
     print(f"load average after (1, 5, 15 min): {load_after}", file=sys.stderr)
-    all_loads = [x for v in loads.values() for x in v]
+    all_others = [x for v in others.values() for x in v]
     print(json.dumps({
         "model": meta.base_model, "articles": len(items), "generate_articles": n_gen, "rounds": args.rounds,
         "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
@@ -316,7 +344,8 @@ def main() -> None:
         "generate": {"stop": stop, "num_predict": num_predict, "temperature": 0, "from": "the export's Modelfile"},
         "adapter": str(args.adapter) if args.adapter else "trained here: " + PRESET.name, "training": training,
         "load_avg_before": load_before, "load_avg_after": load_after,
-        "idle": max([load_before[0], load_after[0]] + all_loads) <= IDLE_LOAD,
+        "others_cores_max": round(max(all_others), 3),
+        "idle": load_before[0] <= IDLE_LOAD and max(all_others) <= IDLE_OTHERS,
         "exports": {k: {kk: vv for kk, vv in v.items() if kk != "path"} for k, v in exports.items()},
         **results,
     }, indent=2))
