@@ -9,7 +9,6 @@ cancel exactly in that window; the heartbeat (every 0.05 s here) is what tells t
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -19,13 +18,10 @@ from sqlalchemy import select
 from db import jobs as jobq
 from db.models import Dataset, Job, ModelArtifact
 from db.session import init_db, session_scope
+from tests.workers.jobs.conftest import make_prep_job
 from workers.inference.classify import clear_engines
 from workers.jobs.handlers import HANDLERS
 from workers.jobs.runner import run_job
-
-LABELS = ["World", "Sports", "Business", "Sci/Tech"]
-TOPICS = ["leaders met to discuss the ceasefire", "the striker scored twice in the final",
-          "stocks fell as the central bank raised rates", "a new chip doubles battery life"]
 
 
 @pytest.fixture
@@ -46,22 +42,13 @@ def _cancel_now(job_id: int) -> None:
     time.sleep(0.5)
 
 
-def _prep_job(tmp_path: Path) -> int:
-    src = tmp_path / "news.jsonl"
-    src.write_text("".join(json.dumps({"text": f"{TOPICS[i % 4]} (story {i})", "label": LABELS[i % 4]}) + "\n"
-                           for i in range(40)))
-    with session_scope() as s:
-        return jobq.create_job(session=s, kind="prep", queue="cpu", spec={
-            "train": {"path": str(src)}, "test": None, "validation_fraction": 0.25}).id
-
-
 def _status(job_id: int) -> str:
     with session_scope() as s:
         return s.get(Job, job_id).status
 
 
 def test_a_cancel_after_the_dataset_is_registered_is_refused_and_the_job_succeeded(store, tmp_path):
-    job_id = _prep_job(tmp_path)
+    job_id = make_prep_job(tmp_path)
 
     def prep_then_cancel(job, spec, ctx):
         out = HANDLERS["prep"](job, spec, ctx)  # the dataset is written and registered: the job has ended
@@ -76,7 +63,7 @@ def test_a_cancel_after_the_dataset_is_registered_is_refused_and_the_job_succeed
 
 def test_a_cancel_after_the_adapter_is_written_registers_it_and_the_job_succeeds(store, tmp_path, tiny_model_dir,
                                                                                 monkeypatch):
-    prep_id = _prep_job(tmp_path)
+    prep_id = make_prep_job(tmp_path)
     assert run_job(prep_id, "prep", HANDLERS["prep"]) == "succeeded"
     with session_scope() as s:
         dataset_id = s.scalar(select(Dataset.id).where(Dataset.job_id == prep_id))

@@ -14,7 +14,6 @@ PostgreSQL restart failed with `InvalidSqlStatementName: prepared statement "_pg
 """
 from __future__ import annotations
 
-import json
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -26,10 +25,9 @@ import workers.jobs.runner as runner
 from db import jobs as jobq
 from db.models import Dataset, Job, utcnow
 from db.session import get_engine, session_scope
+from tests.workers.jobs.conftest import make_prep_job
 from workers.jobs.handlers import HANDLERS
 from workers.jobs.runner import run_job
-
-LABELS = ["World", "Sports", "Business", "Sci/Tech"]
 
 
 class Killed(BaseException):
@@ -46,17 +44,8 @@ def store(newslora_home, store_url, monkeypatch):
     get_engine.cache_clear()
 
 
-def _prep_job(tmp_path: Path) -> int:
-    src = tmp_path / "news.jsonl"
-    src.write_text("".join(json.dumps({"text": f"story {i} about {LABELS[i % 4]}", "label": LABELS[i % 4]}) + "\n"
-                           for i in range(40)))
-    with session_scope() as s:
-        return jobq.create_job(session=s, kind="prep", queue="cpu", spec={
-            "train": {"path": str(src)}, "test": None, "validation_fraction": 0.25}).id
-
-
 def test_a_worker_that_dies_after_registering_leaves_its_job_succeeded_not_rerun(store, tmp_path, monkeypatch):
-    job_id = _prep_job(tmp_path)
+    job_id = make_prep_job(tmp_path)
 
     def killed(*args, **kwargs):
         raise Killed()
@@ -92,7 +81,7 @@ def test_a_worker_that_dies_after_registering_leaves_its_job_succeeded_not_rerun
 
 
 def test_a_registration_that_finds_another_worker_holding_the_job_registers_nothing(store, tmp_path):
-    job_id = _prep_job(tmp_path)
+    job_id = make_prep_job(tmp_path)
 
     def prep_after_takeover(job, spec, ctx):
         with session_scope() as s:  # presumed dead meanwhile; another worker took the job over
