@@ -188,16 +188,6 @@ class StoreContext:
         if with_event:
             self._last_progress_event = now
 
-    def with_store_retries(self, what: str, fn: Callable[[], Any]) -> Any:
-        """Run one of the job's own store writes (a handler registering what it made), retrying while the
-        database restarts: an artifact written to disk is not left unregistered by a blink of the store.
-        `fn` must be idempotent (look the row up by job id before adding it).
-
-        Raises:
-            db.session.StoreUnavailable: still unreachable after NEWSLORA_WAIT_RETRIES tries.
-        """
-        return _with_store_retries(self.job_id, what, fn)
-
     def register(self, what: str, fn: Callable[[Session], dict[str, Any]]) -> dict[str, Any]:
         """Register what the job made and end it `succeeded`, in one transaction: `fn(session)` adds the row
         (a dataset, an adapter, an evaluation, an export) and returns the job's result. A registered row
