@@ -155,7 +155,8 @@ def llamacpp_generate(clf, items: list[dict], *, max_new_tokens: int, stop: list
 
 def _busy_s() -> float:
     """CPU seconds every process on the machine has spent busy since boot (/proc/stat's first line)."""
-    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, open("/proc/stat").readline().split()[1:9])
+    with open("/proc/stat") as f:
+        user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
