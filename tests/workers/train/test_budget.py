@@ -94,3 +94,17 @@ def test_a_resumed_budget_run_keeps_its_plan_and_its_clock(tiny_model_dir, ag_ne
     assert not any("planned" in e["message"] for e in ctx.events)  # the plan came from the checkpoint
     assert resumed.metrics.budget.used_s >= state["budget_used_s"]  # the clock went on from the first session
     assert resumed.metrics.budget.used_s <= 20 + resumed.metrics.budget.val_s + 1.0
+
+
+def test_keep_best_breaks_an_accuracy_tie_by_the_lower_loss(tiny_model_dir, ag_news_dir, tmp_path, monkeypatch):
+    from workers.train import peft_loop
+    # steps 2 and 6 tie on accuracy (the best), step 6 with the lower loss; step 4 is worse on both
+    scripted = iter([(0.50, 0.90), (0.40, 0.80), (0.45, 0.90)])
+    monkeypatch.setattr(peft_loop.PeftLoraTrainer, "evaluate", lambda self, examples: next(scripted))
+    ds = write_dataset(tmp_path / "ds", ag_news_dir, n_train=32, n_val=4)
+    ctx = LocalContext(work_dir=tmp_path)
+    result = train_adapter(tiny_spec(tiny_model_dir, max_steps=6, eval_every=2, keep_best=True,
+                                     early_stopping_metric="val_accuracy"), ds, tmp_path / "run", ctx)
+    assert [h.step for h in result.history] == [2, 4, 6]
+    assert result.metrics.best_step == 6 and result.metrics.val_loss == 0.45
+    assert not any("keep_best: exporting step" in e["message"] for e in ctx.events)  # the last step's own weights
