@@ -121,7 +121,7 @@ def export_gguf(adapter, quant: str, ds: Path, out: Path, *, verify: bool, n_ver
     return {"path": gguf, "bytes": gguf.stat().st_size, "job_seconds": round(seconds, 1),
             "verification": None if v is None else {k: v[k] for k in (
                 "reloaded_with", "n", "agreement", "min_agreement", "passed", "export_accuracy", "adapter_accuracy",
-                "seconds", "reference_seconds", "export_seconds")}}
+                "seconds", "reference_seconds", "export_seconds", "reference")}}
 
 
 def modelfile_parameters(path: Path) -> dict[str, list[str]]:

@@ -19,6 +19,7 @@ from core.contracts.results import ClassifyResult
 from core.specs.classify import ClassifySpec
 from core.specs.prep import AG_NEWS_LABELS
 from workers.inference.adapter import AdapterError, AdapterRef, read_adapter_meta
+from workers.inference.batching import padded_batches
 from workers.inference.engine import InferenceEngine, clear_engines, get_engine
 from workers.inference.items import InputFileError, load_items, read_text_strict
 from workers.modeling.codec import LabelTokensError, PromptCodec
@@ -147,13 +148,12 @@ def classify_items(items: list[dict], *, engine: InferenceEngine, model_ref: str
             budget = min(budget, spec.max_input_tokens)
         encoded = codec.bodies([it["text"] for it in todo], max_article_tokens=budget) if todo else []
         prefix_kv = engine.prefix_kv(key, codec.prefix_ids) if todo and not generating else None
-        # Length buckets: sorted by token length, so a batch pads to nearly its own length.
-        order = sorted(range(len(todo)), key=lambda i: len(encoded[i].ids))
-        bs = spec.batch_size
+        # Length-sorted batches of at most batch_size, cut where padding would cost more than one more batch.
+        batches = padded_batches([len(e.ids) for e in encoded], spec.batch_size,
+                                 tail=0 if generating else codec.branch_len)
         t_work = time.perf_counter()
-        for b0 in range(0, len(order), bs):
+        for idx in batches:
             ctx.check_cancel()
-            idx = order[b0:b0 + bs]
             seqs = [encoded[i].ids for i in idx]
             t0 = time.perf_counter()
             if generating:
