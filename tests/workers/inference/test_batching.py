@@ -30,7 +30,7 @@ def test_a_long_tail_gets_its_own_batch_instead_of_padding_a_full_one():
 
 
 def test_equal_lengths_fill_whole_batches():
-    assert list(map(len, padded_batches([70] * 100, 32))) == [32, 32, 32, 4]
+    assert sorted(map(len, padded_batches([70] * 100, 32))) == [4, 32, 32, 32]
 
 
 def test_never_more_tokens_than_equal_cuts_plus_their_batch_cost():
