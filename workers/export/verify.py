@@ -2,7 +2,7 @@
 
 The reference is newslora's own adapter path (the base model + the LoRA adapter through the inference
 engine, as classify jobs run it); the export must give the same label on nearly every article. An fp32
-reference on a CPU (or GPU) with fast bf16 is computed in two passes: bf16 on every article, fp32 again on
+reference where the device has fast bf16 is computed in two passes: bf16 on every article, fp32 again on
 those whose two best labels are close enough for bf16's rounding to have swapped them (`_reference_labels`).
 """
 from __future__ import annotations
@@ -102,8 +102,8 @@ def _reference_key(adapter: AdapterRef, base_model: str, items: list[dict], labe
 # fp32 references are computed in two passes where the CPU has fast bf16: every article in bf16 (the classify
 # jobs' own dtype, ~3x the fp32 pass), then again in fp32 each article whose two best labels are closer than
 # this (nats of log-likelihood). bf16 rounding moved SmolLM2's label log-likelihoods by at most 0.41 (base) and
-# 0.44 (the quick preset's adapter) nats against fp32 on 400 AG News articles, and the labels it flipped had gaps
-# under 0.13: a gap of 1 needs an error over 0.5 on two labels at once. With the adapter, 39 of 400 are rechecked.
+# 0.44 (the quick preset's adapter) nats against fp32 on 400 AG News articles, so the gap between two labels moved
+# by at most 0.88, and the labels it flipped had gaps under 0.13. With the adapter, 39-45 of 400 are rechecked.
 FP32_RECHECK_MARGIN = 1.0
 
 

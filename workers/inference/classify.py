@@ -148,9 +148,15 @@ def classify_items(items: list[dict], *, engine: InferenceEngine, model_ref: str
             budget = min(budget, spec.max_input_tokens)
         encoded = codec.bodies([it["text"] for it in todo], max_article_tokens=budget) if todo else []
         prefix_kv = engine.prefix_kv(key, codec.prefix_ids) if todo and not generating else None
-        # Length-sorted batches of at most batch_size, cut where padding would cost more than one more batch.
-        batches = padded_batches([len(e.ids) for e in encoded], spec.batch_size,
-                                 tail=0 if generating else codec.branch_len)
+        # Length-sorted batches of at most batch_size: score mode's cut where padding would cost more than one more
+        # batch; generate mode's in equal cuts (a batch there is a whole decode loop, and a sampled run's seed is
+        # per batch, so its batches stay what they were)
+        lengths = [len(e.ids) for e in encoded]
+        if generating:
+            order = sorted(range(len(todo)), key=lambda i: lengths[i])
+            batches = [order[b0:b0 + spec.batch_size] for b0 in range(0, len(order), spec.batch_size)]
+        else:
+            batches = padded_batches(lengths, spec.batch_size)
         t_work = time.perf_counter()
         for idx in batches:
             ctx.check_cancel()

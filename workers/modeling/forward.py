@@ -143,8 +143,9 @@ def _packable(decoder: Any) -> list[torch.Tensor]:
 
 
 def lean_forward_ok(decoder: Any) -> bool:
-    """Whether `lean_forward` computes exactly what this decoder computes: a plain Llama stack on the CPU (no
-    PEFT layers, no biases, SiLU MLP, RMSNorm); anything else runs the Hugging Face forward."""
+    """Whether `lean_forward` computes what this decoder computes (the same arithmetic with transformers' eager
+    attention; within rounding of its SDPA): a plain Llama stack on the CPU (no PEFT layers, no biases, SiLU MLP,
+    RMSNorm); anything else runs the Hugging Face forward."""
     cfg = getattr(decoder, "config", None)
     layers = getattr(decoder, "layers", None)
     if cfg is None or layers is None or getattr(cfg, "model_type", None) != "llama" \
@@ -189,10 +190,10 @@ def lean_forward(decoder: Any, ids: torch.Tensor, position_ids: torch.Tensor, ma
                  prefix_kv: tuple | None, weights: Any = None) -> torch.Tensor:
     """The decoder's last hidden states for score mode, with fewer and larger kernels than its own forward.
 
-    The same arithmetic as the Hugging Face Llama forward (RMSNorm in fp32, RoPE, transformers' eager attention (`_attention`) under the given
-    mask, SiLU MLP) with q/k/v and gate/up each one matmul on packed weights, RoPE applied to q and k in
-    one pass, residual adds in place, and the prefix's keys/values joined per layer without a cache
-    object. Check `lean_forward_ok(decoder)` first.
+    The same arithmetic as the Hugging Face Llama forward (RMSNorm in fp32, RoPE, transformers' eager attention
+    (`_attention`) under the given mask, SiLU MLP) with q/k/v and gate/up each one matmul on packed weights,
+    RoPE applied to q and k in one pass, residual adds in place, and the prefix's keys/values joined per layer
+    without a cache object. Check `lean_forward_ok(decoder)` first.
 
     Args:
         ids: (B, Q) token ids; position_ids: (B, Q); mask: (B, 1, Q, P + Q) bool, True where a query sees a key;

@@ -17,6 +17,12 @@ from tests.workers.export.conftest import INSTRUCTION, LABELS
 pytestmark = pytest.mark.skipif(pick_dtype("auto", "cpu") != torch.bfloat16, reason="needs a CPU with fast bf16")
 
 
+@pytest.fixture(autouse=True)
+def _fresh_reference_cache():
+    yield
+    verify._REFERENCE.clear()  # no test leaves labels computed under a patched margin for the next
+
+
 @pytest.fixture(scope="module")
 def items(ag_news_dir) -> list[dict]:
     with (ag_news_dir / "test.csv").open(encoding="utf-8", newline="") as f:

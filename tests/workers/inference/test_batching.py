@@ -8,14 +8,14 @@ import pytest
 from workers.inference.batching import padded_batches
 
 
-def _tokens(lengths, batches, tail=0):
-    return sum(len(b) * (max(lengths[i] for i in b) + tail) for b in batches)
+def _tokens(lengths, batches):
+    return sum(len(b) * max(lengths[i] for i in b) for b in batches)
 
 
 def test_every_item_once_sorted_and_capped():
     rng = random.Random(0)
     lengths = [rng.randint(20, 200) for _ in range(333)]
-    batches = padded_batches(lengths, 32, tail=2)
+    batches = padded_batches(lengths, 32)
     flat = [i for b in batches for i in b]
     assert sorted(flat) == list(range(len(lengths)))
     assert all(1 <= len(b) <= 32 for b in batches)
@@ -38,8 +38,8 @@ def test_never_more_tokens_than_equal_cuts_plus_their_batch_cost():
     lengths = [int(rng.lognormvariate(4.2, 0.3)) for _ in range(400)]
     order = sorted(range(400), key=lambda i: lengths[i])
     equal = [order[b:b + 32] for b in range(0, 400, 32)]
-    got = padded_batches(lengths, 32, tail=2, batch_cost=64)
-    assert _tokens(lengths, got, 2) + 64 * len(got) <= _tokens(lengths, equal, 2) + 64 * len(equal)
+    got = padded_batches(lengths, 32, batch_cost=64)
+    assert _tokens(lengths, got) + 64 * len(got) <= _tokens(lengths, equal) + 64 * len(equal)
 
 
 def test_no_items_and_bad_sizes():

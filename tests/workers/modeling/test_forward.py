@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from workers.modeling.forward import _attention
 
 
-@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 6e-2)])
 def test_attention_equals_sdpa_with_grouped_query_heads(dtype, atol):
     torch.manual_seed(0)
     B, nh, kvh, Q, P, d = 3, 6, 2, 5, 4, 8
