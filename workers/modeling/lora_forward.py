@@ -143,49 +143,62 @@ def merged_weights(model: Any) -> MergedWeights:
         o=[merged(lay.self_attn.o_proj) for lay in layers], down=[merged(lay.mlp.down_proj) for lay in layers])
 
 
-def lora_shared_prefix_hidden(model: Any, prefix_ids: torch.Tensor, input_ids: torch.Tensor,
-                              attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`forward.shared_prefix_hidden` for a PEFT-LoRA Llama on the CPU (check `lora_forward_ok` first).
+def frozen_layers(model: Any) -> int:
+    """How many of the decoder's bottom layers hold no LoRA weight (0 when the first layer is adapted): their
+    output depends on the tokens only, so a trainer may compute it once an example
+    (`frozen_layer_output`) and start every later step above them."""
+    n = 0
+    for lay in decoder_of(model).layers:
+        mods = [getattr(lay.self_attn, m) for m in (*_QKV, "o_proj")] + [getattr(lay.mlp, m) for m in (*_GATE_UP, "down_proj")]
+        if any(_lora_layer(m) for m in mods):
+            break
+        n += 1
+    return n
 
-    The prefix's tokens and the rows' tokens go through every linear layer, norm and MLP as one token
-    matrix (P + B*S rows): only attention tells them apart (the prefix causal on itself, each row on the
-    prefix's keys and its own). Half the kernels of running the prefix as a batch of its own.
 
-    Args:
-        prefix_ids: (1, P); input_ids: (B, S) right-padded; attention_mask: (B, P + S), 1 on real tokens.
+class _Layout:
+    """Where the prefix's and the rows' tokens sit in the token matrix (P + B*S rows), their rotary angles and
+    the two attention masks: what every layer of `lora_shared_prefix_hidden` shares."""
 
-    Returns:
-        (prefix hidden (1, P, H), row hidden (B, S, H)), after the final norm.
-    """
+    def __init__(self, decoder: Any, P: int, B: int, S: int, attention_mask: torch.Tensor, dev: torch.device,
+                 dtype: torch.dtype):
+        cfg = decoder.config
+        self.P, self.B, self.S = P, B, S
+        self.nh, self.kvh, self.eps = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.rms_norm_eps
+        H = cfg.hidden_size
+        self.d = getattr(cfg, "head_dim", None) or H // self.nh
+        probe = torch.empty(1, 1, H, dtype=dtype, device=dev)  # rotary_emb reads only dtype and device
+        cos, sin = decoder.rotary_emb(probe, torch.arange(P + S, device=dev).unsqueeze(0))  # (1, P + S, d)
+        tok_pos = torch.cat([torch.arange(P, device=dev), torch.arange(P, P + S, device=dev).repeat(B)])  # (N,)
+        self.cos, self.sin = cos[0, tok_pos].unsqueeze(1), sin[0, tok_pos].unsqueeze(1)  # (N, 1, d)
+        # Additive masks in fp32: the prefix is causal; a row's token sees the whole prefix, its own earlier
+        # real tokens and itself (a pad query sees itself only, so no row of the softmax is empty).
+        neg = torch.finfo(torch.float32).min
+        causal_p = torch.ones(P, P, dtype=torch.bool, device=dev).tril()
+        self.bias_p = torch.zeros(1, 1, P, P, device=dev).masked_fill(~causal_p, neg)
+        real = attention_mask[:, P:].bool()  # (B, S)
+        causal = torch.ones(S, S, dtype=torch.bool, device=dev).tril()
+        see = (causal.unsqueeze(0) & real.unsqueeze(1)) | torch.eye(S, dtype=torch.bool, device=dev).unsqueeze(0)
+        see = torch.cat([attention_mask[:, :P].bool().unsqueeze(1).expand(B, S, P), see], dim=2)  # (B, S, P + S)
+        self.bias_r = torch.zeros(B, 1, S, P + S, device=dev).masked_fill(~see.unsqueeze(1), neg)
+
+    def split(self, t: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, heads, d) -> prefix (1, heads, P, d), rows (B, heads, S, d)."""
+        P, B, S = self.P, self.B, self.S
+        return t[:P].transpose(0, 1).unsqueeze(0), t[P:].view(B, S, heads, self.d).transpose(1, 2)
+
+
+def _run_layers(model: Any, x: torch.Tensor, lay_out: _Layout, layers: range) -> torch.Tensor:
+    """The residual stream (N, H) through the decoder layers `layers`."""
     adapter = model.active_adapters[0]
     decoder = decoder_of(model)
-    cfg = decoder.config
     pack = _packed_for(decoder)  # q|k|v and gate|up of the frozen base (PEFT layers' .weight is the base's)
-    nh, kvh, eps = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.rms_norm_eps
-    P, (B, S) = prefix_ids.shape[1], input_ids.shape
-    x = decoder.embed_tokens(torch.cat([prefix_ids[0], input_ids.reshape(-1)]))  # (N, H), N = P + B*S
-    N, H = x.shape
-    d = getattr(cfg, "head_dim", None) or H // nh
-    dev = x.device
-    cos, sin = decoder.rotary_emb(x, torch.arange(P + S, device=dev).unsqueeze(0))  # (1, P + S, d)
-    tok_pos = torch.cat([torch.arange(P, device=dev), torch.arange(P, P + S, device=dev).repeat(B)])  # (N,)
-    cos, sin = cos[0, tok_pos].unsqueeze(1), sin[0, tok_pos].unsqueeze(1)  # (N, 1, d)
-    # Additive masks in fp32: the prefix is causal; a row's token sees the whole prefix, its own earlier
-    # real tokens and itself (a pad query sees itself only, so no row of the softmax is empty).
-    neg = torch.finfo(torch.float32).min
-    causal_p = torch.ones(P, P, dtype=torch.bool, device=dev).tril()
-    bias_p = torch.zeros(1, 1, P, P, device=dev).masked_fill(~causal_p, neg)
-    real = attention_mask[:, P:].bool()  # (B, S)
-    causal = torch.ones(S, S, dtype=torch.bool, device=dev).tril()
-    see = (causal.unsqueeze(0) & real.unsqueeze(1)) | torch.eye(S, dtype=torch.bool, device=dev).unsqueeze(0)
-    see = torch.cat([attention_mask[:, :P].bool().unsqueeze(1).expand(B, S, P), see], dim=2)  # (B, S, P + S)
-    bias_r = torch.zeros(B, 1, S, P + S, device=dev).masked_fill(~see.unsqueeze(1), neg)
-
-    def split(t: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N, heads, d) -> prefix (1, heads, P, d), rows (B, heads, S, d)."""
-        return t[:P].transpose(0, 1).unsqueeze(0), t[P:].view(B, S, heads, d).transpose(1, 2)
-
-    for li, lay in enumerate(decoder.layers):
+    nh, kvh, d, eps = lay_out.nh, lay_out.kvh, lay_out.d, lay_out.eps
+    P, B, S = lay_out.P, lay_out.B, lay_out.S
+    N = x.shape[0]
+    split = lay_out.split
+    for li in layers:
+        lay = decoder.layers[li]
         attn, mlp = lay.self_attn, lay.mlp
         qkv_lora = _lora_delta_weights([getattr(attn, n) for n in _QKV], adapter)
         gu_lora = _lora_delta_weights([getattr(mlp, n) for n in _GATE_UP], adapter)
@@ -194,15 +207,58 @@ def lora_shared_prefix_hidden(model: Any, prefix_ids: torch.Tensor, input_ids: t
 
         qkv = _linear(_rms(x, lay.input_layernorm.weight, eps), pack.qkv[li], qkv_lora).view(N, nh + 2 * kvh, d)
         qk = qkv[:, :nh + kvh]
-        qk = qk * cos + _rotate_half(qk) * sin  # (N, nh + kvh, d)
+        qk = qk * lay_out.cos + _rotate_half(qk) * lay_out.sin  # (N, nh + kvh, d)
         (qp, q), (kp, k), (vp, v) = split(qk[:, :nh], nh), split(qk[:, nh:], kvh), split(qkv[:, nh + kvh:], kvh)
-        op = _attend(qp, kp, vp, bias_p, attn.scaling)  # (1, nh, P, d)
+        op = _attend(qp, kp, vp, lay_out.bias_p, attn.scaling)  # (1, nh, P, d)
         k = torch.cat([kp.expand(B, -1, -1, -1), k], dim=2)  # (B, kvh, P + S, d)
         v = torch.cat([vp.expand(B, -1, -1, -1), v], dim=2)
-        o = _attend(q, k, v, bias_r, attn.scaling)  # (B, nh, S, d)
+        o = _attend(q, k, v, lay_out.bias_r, attn.scaling)  # (B, nh, S, d)
         o = torch.cat([op[0].transpose(0, 1).reshape(P, nh * d), o.transpose(1, 2).reshape(B * S, nh * d)])
         x = x + _linear(o, o_w, o_lora)
         gate, up = _linear(_rms(x, lay.post_attention_layernorm.weight, eps), pack.gate_up[li], gu_lora).chunk(2, -1)
         x = x + _linear(F.silu(gate) * up, down_w, down_lora)
-    x = _rms(x, decoder.norm.weight, eps)
-    return x[:P].unsqueeze(0), x[P:].view(B, S, H)
+    return x
+
+
+def frozen_layer_output(model: Any, prefix_ids: torch.Tensor, input_ids: torch.Tensor,
+                        attention_mask: torch.Tensor, stop: int) -> torch.Tensor:
+    """The residual stream after the decoder's first `stop` layers (no gradient), the token matrix of
+    `lora_shared_prefix_hidden`: the prefix's P rows, then each row's S tokens.
+
+    Returns:
+        (P + B*S, H).
+    """
+    decoder = decoder_of(model)
+    (B, S), P = input_ids.shape, prefix_ids.shape[1]
+    with torch.no_grad():
+        x = decoder.embed_tokens(torch.cat([prefix_ids[0], input_ids.reshape(-1)]))
+        return _run_layers(model, x, _Layout(decoder, P, B, S, attention_mask, x.device, x.dtype), range(stop))
+
+
+def lora_shared_prefix_hidden(model: Any, prefix_ids: torch.Tensor, input_ids: torch.Tensor,
+                              attention_mask: torch.Tensor, *, frozen: tuple[int, torch.Tensor] | None = None
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`forward.shared_prefix_hidden` for a PEFT-LoRA Llama on the CPU (check `lora_forward_ok` first).
+
+    The prefix's tokens and the rows' tokens go through every linear layer, norm and MLP as one token
+    matrix (P + B*S rows): only attention tells them apart (the prefix causal on itself, each row on the
+    prefix's keys and its own). Half the kernels of running the prefix as a batch of its own.
+
+    Args:
+        prefix_ids: (1, P); input_ids: (B, S) right-padded; attention_mask: (B, P + S), 1 on real tokens.
+        frozen: (k, x): start at layer k from x (P + B*S, H), the stream `frozen_layer_output(..., k)` gives
+            for these tokens (its pad rows may hold anything finite: no real token sees them).
+
+    Returns:
+        (prefix hidden (1, P, H), row hidden (B, S, H)), after the final norm.
+    """
+    decoder = decoder_of(model)
+    P, (B, S) = prefix_ids.shape[1], input_ids.shape
+    if frozen is None:
+        start, x = 0, decoder.embed_tokens(torch.cat([prefix_ids[0], input_ids.reshape(-1)]))  # (N, H)
+    else:
+        start, x = frozen
+    lay_out = _Layout(decoder, P, B, S, attention_mask, x.device, x.dtype)
+    x = _run_layers(model, x, lay_out, range(start, len(decoder.layers)))
+    x = _rms(x, decoder.norm.weight, lay_out.eps)
+    return x[:P].unsqueeze(0), x[P:].view(B, S, x.shape[-1])

@@ -105,6 +105,7 @@ class TrainBatch:
     prefix_targets: torch.Tensor | None  # (B, P): targets for the prefix positions, None when all IGNORE
     n_targets: int
     n_tokens: int  # real tokens, the prefix counted once per row (what the batch stands for)
+    rows: list[int] | None = None  # the examples' indices in the training set, where the trainer sets them
 
 
 def collate_train(examples: Sequence[Example], pad_id: int) -> TrainBatch:

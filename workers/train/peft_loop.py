@@ -35,14 +35,15 @@ from core.contracts.train import TrainResult
 from core.settings import get_settings
 from core.specs.train import TrainSpec
 from workers.modeling.codec import IGNORE, Example, PromptCodec
-from workers.modeling.forward import lm_head_of, prefix_kv, shared_prefix_hidden
-from workers.modeling.lora_forward import lora_forward_ok, lora_shared_prefix_hidden, merged_weights
+from workers.modeling.forward import decoder_of, lm_head_of, prefix_kv, shared_prefix_hidden
+from workers.modeling.lora_forward import frozen_layers, lora_forward_ok, lora_shared_prefix_hidden, merged_weights
 from workers.modeling.registry import load_tokenizer, model_digest, pick_device, pick_dtype, resolve_model
 from workers.modeling.scoring import ResponseScores, score_responses
 from workers.train.budget import FINAL_SAVE_S, PROBE_STEPS, out_of_time, planned_steps
 from workers.train.checkpoint import (check_compatible, latest_checkpoint, load_checkpoint,
                                       restore_rng_states, rng_states, save_checkpoint)
 from workers.train.data import PreparedDataset, TrainBatch, collate_train, length_bucketed_batches, load_prepared
+from workers.train.frozen_cache import FrozenCache, build_frozen_cache, frozen_cache_bytes
 from workers.train.result import ResultBuilder
 
 
@@ -62,13 +63,16 @@ class TrainOutOfMemory(RuntimeError):
 # The training loss (the forward passes and label scoring live in workers/modeling/)
 # ---------------------------------------------------------------------------------------------------
 
-def batch_loss(model: Any, batch: TrainBatch, *, lean: bool = False) -> torch.Tensor:
+def batch_loss(model: Any, batch: TrainBatch, *, lean: bool = False,
+               frozen: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
     """Summed cross-entropy over the batch's targets, the LM head applied only where there is a target.
 
     lean: run `lora_forward.lora_shared_prefix_hidden` (the caller checked `lora_forward_ok(model)`).
+    frozen: (k, stream) to start that forward at layer k (`FrozenCache.stream`; lean only).
     """
     if lean:
-        prefix_h, h = lora_shared_prefix_hidden(model, batch.prefix_ids, batch.input_ids, batch.attention_mask)
+        prefix_h, h = lora_shared_prefix_hidden(model, batch.prefix_ids, batch.input_ids, batch.attention_mask,
+                                                frozen=frozen)
     else:
         prefix_h, h, _ = shared_prefix_hidden(model, batch.prefix_ids, batch.input_ids, batch.attention_mask)
     keep = batch.targets != IGNORE  # (B, S)
@@ -123,6 +127,8 @@ class PeftLoraTrainer:
         # train.keep_best: the trainable weights of the best validation so far, and its step
         self.best_weights: dict[str, torch.Tensor] | None = None
         self.best_step: int | None = None
+        # the frozen bottom layers' output per example (lora.top_layers, lean forward): built as training starts
+        self.frozen: FrozenCache | None = None
 
     # -- setup ------------------------------------------------------------------------------------
 
@@ -314,6 +320,7 @@ class PeftLoraTrainer:
         self.ctx.event(f"train: {len(self.train_examples)} examples, {self.total_steps} steps of "
                        f"{self.spec.batch_size}x{self.spec.grad_accum}, {self.dtype} on {self.device}",
                        metrics={"total_steps": self.total_steps, "examples": len(self.train_examples)})
+        self.frozen = self._setup_frozen_cache()
         while self.step < self.total_steps and self.stop_reason is None:
             self._check_cancel()
             started = time.perf_counter()
@@ -393,6 +400,39 @@ class PeftLoraTrainer:
                            level="warning", metrics={"step": self.step})
             raise
 
+    def _setup_frozen_cache(self) -> FrozenCache | None:
+        """With LoRA on the top layers only (and the lean forward), the layers below run once an example here
+        and never again (`frozen_cache`); None where there is nothing to skip or it would take more memory than
+        `frozen_cache_gb`."""
+        layers = frozen_layers(self.model) if self.lean else 0
+        if not layers or not self.spec.frozen_cache_gb:
+            return None
+        hidden = decoder_of(self.model).config.hidden_size
+        need = frozen_cache_bytes(self.train_examples, hidden, self.dtype)
+        if need > self.spec.frozen_cache_gb * 2**30:
+            self.ctx.event(f"train: the {layers} frozen bottom layers run every step: keeping their output would "
+                           f"take {need / 2**30:.1f} GiB, over frozen_cache_gb={self.spec.frozen_cache_gb:g}",
+                           metrics={"frozen_cache_gib": round(need / 2**30, 2)})
+            return None
+        n, shown = len(self.train_examples), [0]
+
+        def progress(done: int, of: int, seconds: float) -> None:
+            if done == of or done >= shown[0] + of // 10:  # about every tenth of the examples
+                shown[0] = done
+                self.ctx.progress(done, of, message=f"frozen layers 0-{layers - 1}: {done} of {of} articles, "
+                                                      f"{seconds:.0f} s")
+
+        started = time.perf_counter()
+        cache = build_frozen_cache(self.model, self.train_examples, layers, pad_id=self.tokenizer.pad_token_id,
+                                   batch_size=max(32, self.spec.batch_size), compute=self._compute, progress=progress)
+        seconds = time.perf_counter() - started
+        self.ctx.event(f"train: layers 0-{layers - 1} hold no LoRA weight: their output for the {n} articles kept "
+                       f"({cache.nbytes() / 2**20:.0f} MiB, {seconds:.1f} s); each step runs the top "
+                       f"{len(decoder_of(self.model).layers) - layers} layers",
+                       metrics={"frozen_layers": layers, "frozen_cache_mib": round(cache.nbytes() / 2**20, 1),
+                                "frozen_cache_s": round(seconds, 2)})
+        return cache
+
     def _micro_batches(self) -> Iterator[TrainBatch]:
         """The micro-batches of the next optimizer step, from the seeded, length-bucketed epoch order."""
         lengths = [len(e.input_ids) for e in self.train_examples]
@@ -401,8 +441,9 @@ class PeftLoraTrainer:
             if epoch not in self._orders:
                 self._orders = {epoch: length_bucketed_batches(lengths, self.spec.batch_size, seed=self.spec.seed,
                                                                epoch=epoch)}
-            batch = collate_train([self.train_examples[i] for i in self._orders[epoch][pos]],
-                                  self.tokenizer.pad_token_id)
+            idx = self._orders[epoch][pos]
+            batch = collate_train([self.train_examples[i] for i in idx], self.tokenizer.pad_token_id)
+            batch.rows = idx
             yield self._to_device(batch)
 
     def _to_device(self, batch: Any) -> Any:
@@ -430,7 +471,8 @@ class PeftLoraTrainer:
         try:
             for batch in batches:
                 with self._compute():
-                    loss = batch_loss(self.model, batch, lean=self.lean)
+                    frozen = self.frozen.stream(batch, batch.rows) if self.frozen is not None else None
+                    loss = batch_loss(self.model, batch, lean=self.lean, frozen=frozen)
                 if not torch.isfinite(loss):
                     raise TrainingDiverged(
                         f"loss is {loss.item()} at step {self.step + 1}: the run diverged; lower the learning "
