@@ -187,7 +187,8 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Te
 
 
 def lean_forward(decoder: Any, ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor,
-                 prefix_kv: tuple | None, weights: Any = None) -> torch.Tensor:
+                 prefix_kv: tuple | None, weights: Any = None, *, start: tuple[int, torch.Tensor] | None = None,
+                 stop: int | None = None) -> torch.Tensor:
     """The decoder's last hidden states for score mode, with fewer and larger kernels than its own forward.
 
     The same arithmetic as the Hugging Face Llama forward (RMSNorm in fp32, RoPE, transformers' eager attention
@@ -201,15 +202,19 @@ def lean_forward(decoder: Any, ids: torch.Tensor, position_ids: torch.Tensor, ma
         weights: per-layer matrices to use instead of the modules' own (`lora_forward.merged_weights`: a
             LoRA model's weights with the adapter merged, without touching its modules): attributes qkv,
             gate_up, o, down, lists over layers.
+        start: (k, x): begin at layer k from x (B, Q, H), the residual stream a call with `stop=k` returned
+            for the same ids, positions, mask and prefix (layers below k unchanged since).
+        stop: end after layer stop - 1 and return the residual stream there, before any norm.
 
     Returns:
-        (B, Q, H) hidden states after the final norm.
+        (B, Q, H) hidden states after the final norm (with `stop`: the residual stream after that layer).
     """
     cfg = decoder.config
     packed = weights if weights is not None else _packed_for(decoder)
     nh, kvh = cfg.num_attention_heads, cfg.num_key_value_heads
     eps = cfg.rms_norm_eps
-    x = decoder.embed_tokens(ids)  # (B, Q, H)
+    first, x = start if start is not None else (0, decoder.embed_tokens(ids))  # x: (B, Q, H)
+    last = len(decoder.layers) if stop is None else stop
     B, Q, H = x.shape
     d = getattr(cfg, "head_dim", None) or H // nh
     cos, sin = decoder.rotary_emb(x, position_ids)  # (B, Q, d)
@@ -217,7 +222,8 @@ def lean_forward(decoder: Any, ids: torch.Tensor, position_ids: torch.Tensor, ma
     g = nh // kvh  # query heads per key/value head
     bias = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~mask, float("-inf"))
     bias = bias.repeat(1, 1, g, 1)  # (B, 1, g * Q, P + Q): the g heads' queries stacked, as `_attention` takes them
-    for li, lay in enumerate(decoder.layers):
+    for li in range(first, last):
+        lay = decoder.layers[li]
         attn = lay.self_attn
         h = _rms(x, lay.input_layernorm.weight, eps)
         qkv = F.linear(h, packed.qkv[li]).view(B, Q, nh + 2 * kvh, d).transpose(1, 2)  # (B, heads, Q, d)
@@ -237,4 +243,4 @@ def lean_forward(decoder: Any, ids: torch.Tensor, position_ids: torch.Tensor, ma
         gate, up = F.linear(h, packed.gate_up[li]).chunk(2, dim=-1)  # (B, Q, I) each
         act = F.silu(gate) * up
         x = x + (lay.mlp.down_proj(act) if weights is None else F.linear(act, weights.down[li]))
-    return _rms(x, decoder.norm.weight, eps)
+    return x if stop is not None else _rms(x, decoder.norm.weight, eps)

@@ -18,9 +18,26 @@ from workers.modeling.forward import (cache_kwarg, decoder_of, expanded_cache, l
                                      lean_forward_ok, lm_head_of)
 
 
+class FrozenStreams:
+    """The residual stream after the first `layers` decoder layers, kept per batch of prompts: for scoring the
+    same prompts again and again (training validation) while those layers do not change (LoRA on the layers
+    above only). Each later pass runs only the layers above (the lean forward)."""
+
+    def __init__(self, layers: int):
+        self.layers = layers
+        self.kept: dict[tuple, torch.Tensor] = {}
+
+    def stream(self, decoder: Any, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, prefix_kv: tuple | None,
+               weights: Any) -> tuple[int, torch.Tensor]:
+        key = (tuple(ids.flatten().tolist()), tuple(ids.shape))  # the same tokens in the same layout
+        if key not in self.kept:
+            self.kept[key] = lean_forward(decoder, ids, pos, mask, prefix_kv, weights, stop=self.layers)
+        return self.layers, self.kept[key]
+
+
 def score_labels(model: Any, codec: PromptCodec, seqs: Sequence[Sequence[int]], prefix_kv: tuple | None, *,
-                 pad_id: int | None = None, weights: Any = None,
-                 with_eos: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                 pad_id: int | None = None, weights: Any = None, with_eos: bool = False,
+                 frozen: FrozenStreams | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Log-likelihood of every label's token sequence after each item's prompt, one forward pass.
 
     Args:
@@ -30,6 +47,8 @@ def score_labels(model: Any, codec: PromptCodec, seqs: Sequence[Sequence[int]], 
         weights: a LoRA model's merged weights (`lora_forward.merged_weights`): the lean forward runs on them.
         with_eos: also read log p(EOS | prompt, label) for every label (the rest of a training response),
             in the same forward: a few more branch columns.
+        frozen: where the bottom layers' output for these prompts is kept (lean forward only): computed on
+            the first call, reused on the next ones.
 
     Returns:
         float32 tensor (batch, n_labels) on the CPU: sum over each label's tokens of
@@ -78,7 +97,8 @@ def score_labels(model: Any, codec: PromptCodec, seqs: Sequence[Sequence[int]], 
     with torch.inference_mode():
         if weights is not None or lean_forward_ok(decoder):  # a plain Llama on the CPU (or a LoRA one with
             # its adapter merged into `weights`): the same arithmetic in fewer, larger kernels
-            hidden = lean_forward(decoder, ids, pos, mask, prefix_kv, weights)  # (B, Q, H)
+            start = frozen.stream(decoder, ids, pos, mask, prefix_kv, weights) if frozen is not None else None
+            hidden = lean_forward(decoder, ids, pos, mask, prefix_kv, weights, start=start)  # (B, Q, H)
         else:
             kwargs = {cache_kwarg(decoder): expanded_cache(prefix_kv, B)}
             hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=P > 0,
@@ -123,7 +143,8 @@ class ResponseScores:
 
 
 def score_responses(model: Any, codec: PromptCodec, examples: Sequence[Any], prefix_kv: tuple | None, *,
-                    weights: Any = None, pad_id: int | None = None, batch_size: int = 16) -> ResponseScores:
+                    weights: Any = None, pad_id: int | None = None, batch_size: int = 16,
+                    frozen: FrozenStreams | None = None) -> ResponseScores:
     """Predictions and gold-response loss of examples (`codec.Example`s: `.body`, `.label_index`) from one
     scoring forward each: the loss reads the gold label's tokens and its EOS where score mode reads every
     label's, so validation needs no second pass. Batches run shortest first (less padding)."""
@@ -133,7 +154,7 @@ def score_responses(model: Any, codec: PromptCodec, examples: Sequence[Any], pre
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
         loglik, eos = score_labels(model, codec, [examples[i].body for i in idx], prefix_kv, pad_id=pad_id,
-                                   weights=weights, with_eos=True)
+                                   weights=weights, with_eos=True, frozen=frozen)
         for row, i in enumerate(idx):
             gold = examples[i].label_index
             predicted[i] = int(loglik[row].argmax())

@@ -38,7 +38,7 @@ from workers.modeling.codec import IGNORE, Example, PromptCodec
 from workers.modeling.forward import decoder_of, lm_head_of, prefix_kv, shared_prefix_hidden
 from workers.modeling.lora_forward import frozen_layers, lora_forward_ok, lora_shared_prefix_hidden, merged_weights
 from workers.modeling.registry import load_tokenizer, model_digest, pick_device, pick_dtype, resolve_model
-from workers.modeling.scoring import ResponseScores, score_responses
+from workers.modeling.scoring import FrozenStreams, ResponseScores, score_responses
 from workers.train.budget import FINAL_SAVE_S, PROBE_STEPS, out_of_time, planned_steps
 from workers.train.checkpoint import (check_compatible, latest_checkpoint, load_checkpoint,
                                       restore_rng_states, rng_states, save_checkpoint)
@@ -151,6 +151,9 @@ class PeftLoraTrainer:
         self.model = self._setup_model()
         # The lean LoRA forward where it computes what PEFT computes (a CPU Llama, one adapter, no dropout)
         self.lean = self.spec.lean_forward and lora_forward_ok(self.model)
+        # validation scores the same articles every time: the frozen layers' output for them is kept too
+        layers = frozen_layers(self.model) if self.lean and self.spec.frozen_cache_gb else 0
+        self.val_frozen = FrozenStreams(layers) if layers else None
         self.optimizer = self._setup_optimizer()
         self.scheduler = self._setup_scheduler()
         self.wandb = self._setup_wandb()
@@ -537,7 +540,7 @@ class PeftLoraTrainer:
         if not self.val_examples:
             return
         started = time.perf_counter()
-        val_loss, accuracy = self.evaluate(self.val_examples)
+        val_loss, accuracy = self.evaluate(self.val_examples, frozen=self.val_frozen)
         self.val_s = time.perf_counter() - started
         row = {"step": self.step, "val_loss": round(val_loss, 5), "val_accuracy": round(accuracy, 5),
                "val_items": len(self.val_examples), "eval_s": round(time.perf_counter() - started, 2),
@@ -570,11 +573,13 @@ class PeftLoraTrainer:
                                metrics={"step": self.step})
 
     @torch.no_grad()
-    def evaluate(self, examples: Sequence[Example], batch_size: int = 16) -> tuple[float, float]:
+    def evaluate(self, examples: Sequence[Example], batch_size: int = 16,
+                 frozen: FrozenStreams | None = None) -> tuple[float, float]:
         """(mean loss per response token (label + EOS), label-scoring accuracy) over examples, from one
         scoring forward (`score_responses`): the classifier's own scoring, so validation accuracy is a
-        classify job's accuracy."""
-        scores = self._score(examples, batch_size)
+        classify job's accuracy. `frozen`: where the layers below the adapted ones keep their output for
+        these examples (the validation set, scored again at every validation)."""
+        scores = self._score(examples, batch_size, frozen)
         return scores.loss, scores.accuracy
 
     @torch.no_grad()
@@ -582,7 +587,8 @@ class PeftLoraTrainer:
         """The label index each example's prompt scores highest (`score_responses`)."""
         return self._score(examples, batch_size).predicted
 
-    def _score(self, examples: Sequence[Example], batch_size: int) -> ResponseScores:
+    def _score(self, examples: Sequence[Example], batch_size: int,
+               frozen: FrozenStreams | None = None) -> ResponseScores:
         was_training = self.model.training
         self.model.eval()
         try:
@@ -592,7 +598,7 @@ class PeftLoraTrainer:
                 # adapter, in its lean forward (several times faster than PEFT's layers here)
                 weights = merged_weights(self.model) if self.lean else None
                 return score_responses(self.model, self.encoder, examples, kv, weights=weights,
-                                       batch_size=batch_size)
+                                       batch_size=batch_size, frozen=frozen if self.lean else None)
         finally:
             self.model.train(was_training)
 

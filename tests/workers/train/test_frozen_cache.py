@@ -74,3 +74,30 @@ def test_training_the_top_layer_from_the_kept_output_trains_the_same_adapter(tin
         assert torch.allclose(a[name], b[name], rtol=1e-3, atol=1e-5), name
         assert torch.equal(b[name], c[name]), name
     assert kept.metrics.train_loss == pytest.approx(plain.metrics.train_loss, rel=1e-4)
+
+
+def test_validation_from_the_kept_output_scores_as_the_whole_forward(tiny_model_dir, tokenizer, ag_news_dir):
+    """Score mode on merged weights (training validation) from the kept bottom-layer output: the same label
+    log-likelihoods as the whole lean forward, on the first pass (which keeps it) and the next (which reads it)."""
+    from workers.modeling.forward import prefix_kv
+    from workers.modeling.lora_forward import merged_weights
+    from workers.modeling.scoring import FrozenStreams, score_responses
+    model = _peft_on(tiny_model_dir, ALL, layers=[1]).eval()
+    enc = PromptCodec.build(tokenizer, template="alpaca", instruction=default_instruction(LABELS), label_names=LABELS)
+    examples = _examples(tokenizer, ag_news_dir, 10)
+    weights = merged_weights(model)
+    kv = prefix_kv(model, enc.prefix_ids)
+    want = score_responses(model, enc, examples, kv, weights=weights, batch_size=4)
+    kept = FrozenStreams(1)
+    first = score_responses(model, enc, examples, kv, weights=weights, batch_size=4, frozen=kept)
+    assert len(kept.kept) == 3  # one entry a batch of 4, 4, 2
+    second = score_responses(model, enc, examples, kv, weights=weights, batch_size=4, frozen=kept)
+    assert len(kept.kept) == 3
+    for got in (first, second):
+        assert got.predicted == want.predicted
+        assert got.nll == pytest.approx(want.nll, rel=1e-6)
+    # the kept output is what the next pass starts from: another one gives another score (the test can fail)
+    for key in kept.kept:
+        kept.kept[key] = kept.kept[key] * 0.5
+    assert score_responses(model, enc, examples, kv, weights=weights, batch_size=4,
+                           frozen=kept).nll != pytest.approx(want.nll, rel=1e-3)
