@@ -118,8 +118,9 @@ class FlopModel:
     head_passes: int = 2  # LM head matmuls a position: forward, and in training its activation gradient
 
     @classmethod
-    def of(cls, model_dir: Path, lora: Any) -> "FlopModel":
-        """A LoRA training step's (see the class docstring)."""
+    def of(cls, model_dir: Path, lora: Any, *, frozen_kept: bool = False) -> "FlopModel":
+        """A LoRA training step's (see the class docstring). frozen_kept: the layers below the lowest adapted
+        one are not run in the step (their output kept once an example: workers/train/frozen_cache.py)."""
         from transformers import AutoConfig
         c = AutoConfig.from_pretrained(model_dir)
         shapes = _linear_shapes(c)
@@ -129,7 +130,8 @@ class FlopModel:
         n_layers, r = c.num_hidden_layers, lora.rank
         lowest = min(lora.adapted_layers(n_layers) or [0])  # the trainer's own range of adapted layers
         lin_f = lin_b = lo_f = lo_b = attn_b = 0
-        for layer in range(n_layers):
+        first = lowest if frozen_kept else 0
+        for layer in range(first, n_layers):
             grad_in = layer > lowest  # the residual stream needs a gradient above the lowest adapted layer
             for gi, group in enumerate(groups):
                 for name in group:
@@ -144,7 +146,7 @@ class FlopModel:
                 if layer >= lowest and targets & set(group):
                     grad_in = True
         return cls(linear_fwd=lin_f, linear_bwd=lin_b, lora_fwd=lo_f, lora_bwd=lo_b, hidden=c.hidden_size,
-                   vocab=c.vocab_size, attn_fwd_layers=n_layers, attn_bwd_layers=attn_b)
+                   vocab=c.vocab_size, attn_fwd_layers=n_layers - first, attn_bwd_layers=attn_b)
 
     @classmethod
     def forward_only(cls, model_dir: Path) -> "FlopModel":

@@ -42,7 +42,10 @@ which bench/infer_throughput.py counts with too):
   keys of each executed token (d = hidden size; the prefix's keys included for the newslora rows);
 - LM head (frozen, tied): 4*V*H a position where it is applied: the target positions for newslora,
   every real position for the naive loops and torchtune (the HF forward computes all logits).
-`--top-layers N` adapts only the top N layers in every backend that can (a shorter backward).
+`--top-layers N` adapts only the top N layers in every backend that can (a shorter backward), and adds
+newslora_frozen_cache: the newslora loop as a training job runs it then, the layers below the adapted ones
+computed once an article before the first step (timed apart: `frozen_cache`) and each step running only the
+adapted layers from their kept output; its FLOPs count only those layers (`FlopModel.of(frozen_kept=True)`).
 `fraction_of_bf16_peak` divides the executed FLOPs a second by a measured bf16 matmul peak (the fastest
 single 1024^3 or 2048^3 matmul, before, between the rounds of and after the run); it cannot exceed 1 unless
 the peak is measured low.
@@ -258,6 +261,18 @@ def main() -> None:
                                     LocalContext(work_dir=Path(tmp)))
             plain.setup()
             loops["newslora_peft_layers"] = NewsloraLoop(plain)
+        frozen_info: dict[str, Any] = {}
+        if args.top_layers:  # what a training job runs with top_layers: the frozen layers' output kept
+            kept = PeftLoraTrainer(spec, ds, Path(tmp) / "run-kept", LocalContext(work_dir=Path(tmp)))
+            kept.setup()
+            t = time.perf_counter()
+            kept.frozen = kept._setup_frozen_cache()
+            seconds = time.perf_counter() - t
+            if kept.frozen is not None:
+                frozen_info = {"layers": kept.frozen.layers, "articles": len(examples), "seconds": round(seconds, 2),
+                               "articles_per_s": round(len(examples) / seconds, 1),
+                               "mib": round(kept.frozen.nbytes() / 2**20, 1)}
+                loops["newslora_frozen_cache"] = NewsloraLoop(kept)
         for name, loop in loops.items():
             loop.step()  # warm-up, not timed
             print(f"{name}: warm-up step done", file=sys.stderr)
@@ -299,6 +314,7 @@ def main() -> None:
             print(f"round {r + 1} of {args.rounds} done: " + ", ".join(
                 f"{n} {a[0].data_tokens / a[1]:.0f} tokens/s" for n, a in acc.items() if a[1]), file=sys.stderr)
         fm = FlopModel.of(model_dir, spec.lora)
+        fm_kept = FlopModel.of(model_dir, spec.lora, frozen_kept=True)
         dtypes = {name: loop.dtype for name, loop in loops.items()} | {"torchtune": tt_info.get("dtype", "?")}
         losses = loops["newslora"].losses
         prefix_len = examples[0].prefix_len
@@ -313,7 +329,7 @@ def main() -> None:
         if name == "torchtune" and "error" in tt_info:
             timed[name] = {"error": tt_info["error"]}
             continue
-        timed[name] = summarize(*acc[name], dtypes[name], fm, best)
+        timed[name] = summarize(*acc[name], dtypes[name], fm_kept if name == "newslora_frozen_cache" else fm, best)
     timed["newslora"]["losses"] = losses  # the warm-up step's first
     if "torchtune" in timed and "error" not in timed["torchtune"]:
         timed["torchtune"] |= {k: tt_info[k] for k in ("startup_s", "loss_last")}
@@ -336,6 +352,7 @@ def main() -> None:
                                "after": {k: round(v, 1) for k, v in peaks_after.items()},
                                "rounds_bfloat16": [round(x["bf16_peak"], 1) for x in rounds]},
         "flop_model": asdict(fm),
+        "frozen_cache": frozen_info or None,  # --top-layers: the one-off pass a training job makes first
         "newslora_lean_forward": lean_used,
         # the decoder's own frozen matmuls (forward and activation gradient) at a newslora step's executed
         # token count, bf16, nothing else: the fastest any loop could run the bulk of this work here
@@ -352,6 +369,10 @@ def main() -> None:
         "newslora_speedup_over_naive_bf16": speedup("naive_bf16"),
         "newslora_speedup_over_torchtune": speedup("torchtune"),
         "newslora_speedup_over_peft_layers": speedup("newslora_peft_layers"),
+        # --top-layers: a step from the kept output against the same step running every layer
+        "frozen_cache_step_speedup": (round(timed["newslora_frozen_cache"]["data_tokens_per_s"]
+                                            / timed["newslora"]["data_tokens_per_s"], 2)
+                                      if "newslora_frozen_cache" in timed else None),
     }
     print(json.dumps(out, indent=2))
 

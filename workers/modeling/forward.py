@@ -111,7 +111,9 @@ class _Packed:
     def __init__(self, decoder: Any):
         self.refs = [weakref.ref(w) for w in _packable(decoder)]
         self.versions = [w._version for w in _packable(decoder)]
-        with torch.no_grad():
+        # normal tensors even when first asked for under inference_mode (score mode): the training forward
+        # reuses the same packing with autograd on
+        with torch.inference_mode(False), torch.no_grad():
             self.qkv = [torch.cat([lay.self_attn.q_proj.weight, lay.self_attn.k_proj.weight,
                                    lay.self_attn.v_proj.weight]).detach() for lay in decoder.layers]
             self.gate_up = [torch.cat([lay.mlp.gate_proj.weight, lay.mlp.up_proj.weight]).detach()

@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from workers.modeling.codec import Example
+from workers.modeling.forward import decoder_of, lean_forward, prefix_kv
 from workers.modeling.lora_forward import frozen_layer_output
 from workers.train.data import TrainBatch, collate_train
 
@@ -59,30 +60,64 @@ def frozen_cache_bytes(examples: Sequence[Example], hidden: int, dtype: torch.dt
 
 def build_frozen_cache(model: Any, examples: Sequence[Example], layers: int, *, pad_id: int, batch_size: int = 32,
                        compute: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-                       progress: Callable[[int, int, float], None] | None = None) -> FrozenCache:
+                       progress: Callable[[int, int, float], None] | None = None, lean: bool = True) -> FrozenCache:
     """Run every example through the first `layers` layers once (no gradient), in batches of similar length.
 
     Args:
         compute: the context the training step runs its forward in (autocast), so the kept output is what
             the step would compute.
         progress: called as (examples done, of, seconds so far) after each batch.
+        lean: run score mode's forward (`forward.lean_forward`: the rows on the prefix's keys/values, computed
+            once) instead of the training forward (`lora_forward.frozen_layer_output`: the prefix again in
+            every batch, autograd's layout); the same arithmetic.
     """
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
     rows: list[torch.Tensor | None] = [None] * len(examples)
-    prefix = None
     started = time.perf_counter()
+    P = examples[0].prefix_len
+    if lean:
+        with compute():
+            prefix, kv = _lean_prefix(model, examples[0].input_ids[:P], layers)
+    else:
+        prefix = None
     for at in range(0, len(order), batch_size):
         idx = order[at:at + batch_size]
         batch = collate_train([examples[i] for i in idx], pad_id)
-        with compute():
-            out = frozen_layer_output(model, batch.prefix_ids, batch.input_ids, batch.attention_mask, layers)
-        P = batch.prefix_ids.shape[1]
         B, S = batch.input_ids.shape
-        if prefix is None:
-            prefix = out[:P].clone()
-        body = out[P:].view(B, S, -1)
+        with compute():
+            if lean:
+                body = _lean_rows(model, batch, kv, layers)
+            else:
+                out = frozen_layer_output(model, batch.prefix_ids, batch.input_ids, batch.attention_mask, layers)
+                prefix = out[:P].clone() if prefix is None else prefix
+                body = out[P:].view(B, S, -1)
         for b, i in enumerate(idx):
             rows[i] = body[b, :len(examples[i].input_ids) - P].clone()
         if progress is not None:
             progress(min(at + batch_size, len(order)), len(order), time.perf_counter() - started)
     return FrozenCache(layers, prefix, rows)
+
+
+def _lean_prefix(model: Any, prefix: Sequence[int], layers: int) -> tuple[torch.Tensor, tuple]:
+    """(the prefix's residual stream after `layers` layers (P, H), its per-layer keys/values)."""
+    decoder = decoder_of(model)
+    P = len(prefix)
+    kv = prefix_kv(model, list(prefix))
+    ids = torch.tensor([list(prefix)])
+    causal = torch.ones(P, P, dtype=torch.bool).tril().view(1, 1, P, P)
+    with torch.inference_mode():
+        x = lean_forward(decoder, ids, torch.arange(P).unsqueeze(0), causal, None, stop=layers)
+    return x[0].clone(), kv
+
+
+def _lean_rows(model: Any, batch: TrainBatch, kv: tuple, layers: int) -> torch.Tensor:
+    """The rows' residual stream after `layers` layers (B, S, H): each row's tokens on the prefix's keys."""
+    P = batch.prefix_ids.shape[1]
+    B, S = batch.input_ids.shape
+    real = batch.attention_mask[:, P:].bool()  # (B, S)
+    causal = torch.ones(S, S, dtype=torch.bool).tril()
+    see = (causal.unsqueeze(0) & real.unsqueeze(1)) | torch.eye(S, dtype=torch.bool).unsqueeze(0)  # (B, S, S)
+    mask = torch.cat([torch.ones(B, S, P, dtype=torch.bool), see], dim=2).unsqueeze(1)  # (B, 1, S, P + S)
+    pos = torch.arange(P, P + S).expand(B, S)
+    with torch.inference_mode():
+        return lean_forward(decoder_of(model), batch.input_ids, pos, mask, kv, stop=layers)
