@@ -63,7 +63,7 @@ def test_a_run_with_a_budget_plans_its_schedule_and_ends_within_it(tiny_model_di
 def test_keep_best_exports_the_best_validations_weights(tiny_model_dir, ag_news_dir, tmp_path, monkeypatch):
     from workers.train import peft_loop
     scripted = iter([(1.0, 0.50), (0.4, 0.90), (0.8, 0.70)])  # the second validation (step 4) is the best
-    monkeypatch.setattr(peft_loop.PeftLoraTrainer, "evaluate", lambda self, examples: next(scripted))
+    monkeypatch.setattr(peft_loop.PeftLoraTrainer, "evaluate", lambda self, examples, **kw: next(scripted))
     ds = write_dataset(tmp_path / "ds", ag_news_dir, n_train=32, n_val=4)
     ctx = LocalContext(work_dir=tmp_path)
     result = train_adapter(tiny_spec(tiny_model_dir, max_steps=6, eval_every=2, keep_best=True,
@@ -100,7 +100,7 @@ def test_keep_best_breaks_an_accuracy_tie_by_the_lower_loss(tiny_model_dir, ag_n
     from workers.train import peft_loop
     # steps 2 and 6 tie on accuracy (the best), step 6 with the lower loss; step 4 is worse on both
     scripted = iter([(0.50, 0.90), (0.40, 0.80), (0.45, 0.90)])
-    monkeypatch.setattr(peft_loop.PeftLoraTrainer, "evaluate", lambda self, examples: next(scripted))
+    monkeypatch.setattr(peft_loop.PeftLoraTrainer, "evaluate", lambda self, examples, **kw: next(scripted))
     ds = write_dataset(tmp_path / "ds", ag_news_dir, n_train=32, n_val=4)
     ctx = LocalContext(work_dir=tmp_path)
     result = train_adapter(tiny_spec(tiny_model_dir, max_steps=6, eval_every=2, keep_best=True,

@@ -321,7 +321,7 @@ def test_early_stopping_on_val_loss_and_wandb_missing_is_a_warning(tiny_model_di
                                                                     monkeypatch):
     import importlib.util
     # Validation loss rises after the first eval: with patience 1 the run stops at the second.
-    monkeypatch.setattr(peft_loop.PeftLoraTrainer, "evaluate", lambda self, examples: (1.0 + self.step, 0.5))
+    monkeypatch.setattr(peft_loop.PeftLoraTrainer, "evaluate", lambda self, examples, **kw: (1.0 + self.step, 0.5))
     ctx = LocalContext(work_dir=tmp_path)
     wandb_installed = importlib.util.find_spec("wandb") is not None
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -337,7 +337,7 @@ def test_early_stopping_on_val_accuracy_ignores_a_falling_loss(tiny_model_dir, d
     # Loss keeps falling while accuracy stops rising after the 2nd eval: watching accuracy, patience 2
     # stops at the 4th eval; watching loss, the run goes on to the end.
     accuracy = {1: 0.5, 2: 0.6, 3: 0.6, 4: 0.55, 5: 0.6, 6: 0.6}
-    monkeypatch.setattr(peft_loop.PeftLoraTrainer, "evaluate", lambda self, examples: (1.0 / self.step,
+    monkeypatch.setattr(peft_loop.PeftLoraTrainer, "evaluate", lambda self, examples, **kw: (1.0 / self.step,
                                                                                        accuracy[self.step]))
     result = train_adapter(tiny_spec(tiny_model_dir, max_steps=6, eval_every=1, early_stopping_patience=2,
                                      early_stopping_metric="val_accuracy"), dataset_dir, tmp_path / "acc",
