@@ -146,7 +146,7 @@ def merged_weights(model: Any) -> MergedWeights:
 def frozen_layers(model: Any) -> int:
     """How many of the decoder's bottom layers hold no LoRA weight (0 when the first layer is adapted): their
     output depends on the tokens only, so a trainer may compute it once an example
-    (`frozen_layer_output`) and start every later step above them."""
+    (`workers.train.frozen_cache`) and start every later step above them."""
     n = 0
     for lay in decoder_of(model).layers:
         mods = [getattr(lay.self_attn, m) for m in (*_QKV, "o_proj")] + [getattr(lay.mlp, m) for m in (*_GATE_UP, "down_proj")]
@@ -220,21 +220,6 @@ def _run_layers(model: Any, x: torch.Tensor, lay_out: _Layout, layers: range) ->
     return x
 
 
-def frozen_layer_output(model: Any, prefix_ids: torch.Tensor, input_ids: torch.Tensor,
-                        attention_mask: torch.Tensor, stop: int) -> torch.Tensor:
-    """The residual stream after the decoder's first `stop` layers (no gradient), the token matrix of
-    `lora_shared_prefix_hidden`: the prefix's P rows, then each row's S tokens.
-
-    Returns:
-        (P + B*S, H).
-    """
-    decoder = decoder_of(model)
-    (B, S), P = input_ids.shape, prefix_ids.shape[1]
-    with torch.no_grad():
-        x = decoder.embed_tokens(torch.cat([prefix_ids[0], input_ids.reshape(-1)]))
-        return _run_layers(model, x, _Layout(decoder, P, B, S, attention_mask, x.device, x.dtype), range(stop))
-
-
 def lora_shared_prefix_hidden(model: Any, prefix_ids: torch.Tensor, input_ids: torch.Tensor,
                               attention_mask: torch.Tensor, *, frozen: tuple[int, torch.Tensor] | None = None
                               ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -246,8 +231,8 @@ def lora_shared_prefix_hidden(model: Any, prefix_ids: torch.Tensor, input_ids: t
 
     Args:
         prefix_ids: (1, P); input_ids: (B, S) right-padded; attention_mask: (B, P + S), 1 on real tokens.
-        frozen: (k, x): start at layer k from x (P + B*S, H), the stream `frozen_layer_output(..., k)` gives
-            for these tokens (its pad rows may hold anything finite: no real token sees them).
+        frozen: (k, x): start at layer k from x (P + B*S, H), the residual stream of these tokens after the
+            first k layers (`FrozenCache.stream`; its pad rows may hold anything finite: no real token sees them).
 
     Returns:
         (prefix hidden (1, P, H), row hidden (B, S, H)), after the final norm.
