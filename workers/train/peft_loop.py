@@ -420,6 +420,7 @@ class PeftLoraTrainer:
         n, shown = len(self.train_examples), [0]
 
         def progress(done: int, of: int, seconds: float) -> None:
+            self._check_cancel()  # minutes of work on a slow machine: a cancel is heard between batches
             if done == of or done >= shown[0] + of // 10:  # about every tenth of the examples
                 shown[0] = done
                 self.ctx.progress(done, of, message=f"frozen layers 0-{layers - 1}: {done} of {of} articles, "

@@ -101,3 +101,16 @@ def test_validation_from_the_kept_output_scores_as_the_whole_forward(tiny_model_
         kept.kept[key] = kept.kept[key] * 0.5
     assert score_responses(model, enc, examples, kv, weights=weights, batch_size=4,
                            frozen=kept).nll != pytest.approx(want.nll, rel=1e-3)
+
+
+def test_a_cancel_during_the_frozen_pass_is_heard_and_the_run_resumes(tiny_model_dir, dataset_dir, tmp_path):
+    from core.context import JobCancelled
+    spec = tiny_spec(tiny_model_dir, max_steps=4, lora=LoraSpec(rank=4, alpha=8, top_layers=1))
+    out = tmp_path / "run"
+    ctx = LocalContext(work_dir=tmp_path, cancel_after_checks=1)  # the first check: after the pass's first batch
+    with pytest.raises(JobCancelled):
+        train_adapter(spec, dataset_dir, out, ctx)
+    assert not any("hold no LoRA weight" in e["message"] for e in ctx.events)  # the pass did not finish
+    assert any("cancelled at step 0" in e["message"] for e in ctx.events)
+    again = train_adapter(spec, dataset_dir, out, LocalContext(work_dir=tmp_path))
+    assert again.steps == 4
