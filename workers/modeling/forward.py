@@ -144,6 +144,12 @@ def _packable(decoder: Any) -> list[torch.Tensor]:
                                                          lay.self_attn.v_proj, lay.mlp.gate_proj, lay.mlp.up_proj)]
 
 
+def layer_linears(layer: Any) -> tuple:
+    """A Llama decoder layer's seven linear modules, in the order data flows: q, k, v, o, gate, up, down."""
+    a, m = layer.self_attn, layer.mlp
+    return a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj
+
+
 def lean_forward_ok(decoder: Any) -> bool:
     """Whether `lean_forward` computes what this decoder computes (the same arithmetic with transformers' eager
     attention; within rounding of its SDPA): a plain Llama stack on the CPU (no PEFT layers, no biases, SiLU MLP,
@@ -155,9 +161,7 @@ def lean_forward_ok(decoder: Any) -> bool:
             or getattr(cfg, "pretraining_tp", 1) not in (None, 1) or decoder.embed_tokens.weight.device.type != "cpu":
         return False
     for lay in layers:
-        a, m = lay.self_attn, lay.mlp
-        linears = (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj)
-        if any(type(x) is not torch.nn.Linear or x.bias is not None for x in linears) or any(
+        if any(type(x) is not torch.nn.Linear or x.bias is not None for x in layer_linears(lay)) or any(
                 type(n).__name__ != "LlamaRMSNorm" for n in (lay.input_layernorm, lay.post_attention_layernorm)):
             return False
     return True

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from workers.modeling.forward import _packed_for, _rms, _rotate_half, decoder_of
+from workers.modeling.forward import _packed_for, _rms, _rotate_half, decoder_of, layer_linears
 
 _QKV = ("q_proj", "k_proj", "v_proj")
 _GATE_UP = ("gate_proj", "up_proj")
@@ -43,10 +43,9 @@ def lora_forward_ok(model: Any) -> bool:
             or decoder.embed_tokens.weight.device.type != "cpu":
         return False
     for lay in decoder.layers:
-        a, m = lay.self_attn, lay.mlp
         if any(type(n).__name__ != "LlamaRMSNorm" for n in (lay.input_layernorm, lay.post_attention_layernorm)):
             return False
-        for x in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj):
+        for x in layer_linears(lay):
             if _lora_layer(x):
                 if (x.merged or x.disable_adapters or adapter not in x.lora_A
                         or type(x.lora_dropout[adapter]) is not torch.nn.Identity
@@ -149,11 +148,28 @@ def frozen_layers(model: Any) -> int:
     (`workers.train.frozen_cache`) and start every later step above them."""
     n = 0
     for lay in decoder_of(model).layers:
-        mods = [getattr(lay.self_attn, m) for m in (*_QKV, "o_proj")] + [getattr(lay.mlp, m) for m in (*_GATE_UP, "down_proj")]
-        if any(_lora_layer(m) for m in mods):
+        if any(_lora_layer(m) for m in layer_linears(lay)):
             break
         n += 1
     return n
+
+
+def rows_see(attention_mask: torch.Tensor, P: int) -> torch.Tensor:
+    """Which keys each row token of a training batch attends to: the whole prefix, its own earlier real tokens
+    and itself (a pad query sees itself only, so no row of the softmax is empty).
+
+    Args:
+        attention_mask: (B, P + S), 1 on the prefix and real tokens (`collate_train`).
+
+    Returns:
+        (B, S, P + S) bool.
+    """
+    B, S = attention_mask.shape[0], attention_mask.shape[1] - P
+    dev = attention_mask.device
+    real = attention_mask[:, P:].bool()  # (B, S)
+    causal = torch.ones(S, S, dtype=torch.bool, device=dev).tril()
+    see = (causal.unsqueeze(0) & real.unsqueeze(1)) | torch.eye(S, dtype=torch.bool, device=dev).unsqueeze(0)
+    return torch.cat([attention_mask[:, :P].bool().unsqueeze(1).expand(B, S, P), see], dim=2)
 
 
 class _Layout:
@@ -171,15 +187,11 @@ class _Layout:
         cos, sin = decoder.rotary_emb(probe, torch.arange(P + S, device=dev).unsqueeze(0))  # (1, P + S, d)
         tok_pos = torch.cat([torch.arange(P, device=dev), torch.arange(P, P + S, device=dev).repeat(B)])  # (N,)
         self.cos, self.sin = cos[0, tok_pos].unsqueeze(1), sin[0, tok_pos].unsqueeze(1)  # (N, 1, d)
-        # Additive masks in fp32: the prefix is causal; a row's token sees the whole prefix, its own earlier
-        # real tokens and itself (a pad query sees itself only, so no row of the softmax is empty).
+        # Additive masks in fp32: the prefix is causal; the rows see what `rows_see` says.
         neg = torch.finfo(torch.float32).min
         causal_p = torch.ones(P, P, dtype=torch.bool, device=dev).tril()
         self.bias_p = torch.zeros(1, 1, P, P, device=dev).masked_fill(~causal_p, neg)
-        real = attention_mask[:, P:].bool()  # (B, S)
-        causal = torch.ones(S, S, dtype=torch.bool, device=dev).tril()
-        see = (causal.unsqueeze(0) & real.unsqueeze(1)) | torch.eye(S, dtype=torch.bool, device=dev).unsqueeze(0)
-        see = torch.cat([attention_mask[:, :P].bool().unsqueeze(1).expand(B, S, P), see], dim=2)  # (B, S, P + S)
+        see = rows_see(attention_mask, P)  # (B, S, P + S)
         self.bias_r = torch.zeros(B, 1, S, P + S, device=dev).masked_fill(~see.unsqueeze(1), neg)
 
     def split(self, t: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:

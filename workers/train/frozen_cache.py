@@ -20,6 +20,7 @@ import torch
 
 from workers.modeling.codec import Example
 from workers.modeling.forward import decoder_of, lean_forward, prefix_kv
+from workers.modeling.lora_forward import rows_see
 from workers.train.data import TrainBatch, collate_train
 
 
@@ -105,10 +106,7 @@ def _lean_rows(model: Any, batch: TrainBatch, kv: tuple, layers: int) -> torch.T
     """The rows' residual stream after `layers` layers (B, S, H): each row's tokens on the prefix's keys."""
     P = batch.prefix_ids.shape[1]
     B, S = batch.input_ids.shape
-    real = batch.attention_mask[:, P:].bool()  # (B, S)
-    causal = torch.ones(S, S, dtype=torch.bool).tril()
-    see = (causal.unsqueeze(0) & real.unsqueeze(1)) | torch.eye(S, dtype=torch.bool).unsqueeze(0)  # (B, S, S)
-    mask = torch.cat([torch.ones(B, S, P, dtype=torch.bool), see], dim=2).unsqueeze(1)  # (B, 1, S, P + S)
+    mask = rows_see(batch.attention_mask, P).unsqueeze(1)  # (B, 1, S, P + S): what the training step's rows see
     pos = torch.arange(P, P + S).expand(B, S)
     with torch.inference_mode():
         return lean_forward(decoder_of(model), batch.input_ids, pos, mask, kv, stop=layers)

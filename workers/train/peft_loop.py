@@ -151,9 +151,10 @@ class PeftLoraTrainer:
         self.model = self._setup_model()
         # The lean LoRA forward where it computes what PEFT computes (a CPU Llama, one adapter, no dropout)
         self.lean = self.spec.lean_forward and lora_forward_ok(self.model)
-        # validation scores the same articles every time: the frozen layers' output for them is kept too
-        layers = frozen_layers(self.model) if self.lean and self.spec.frozen_cache_gb else 0
-        self.val_frozen = FrozenStreams(layers) if layers else None
+        # the bottom layers without LoRA (lean forward, frozen_cache_gb > 0): their output is kept, for the
+        # training articles as training starts (`_setup_frozen_cache`) and for the validation articles here
+        self.n_frozen = frozen_layers(self.model) if self.lean and self.spec.frozen_cache_gb else 0
+        self.val_frozen = FrozenStreams(self.n_frozen) if self.n_frozen else None
         self.optimizer = self._setup_optimizer()
         self.scheduler = self._setup_scheduler()
         self.wandb = self._setup_wandb()
@@ -407,8 +408,8 @@ class PeftLoraTrainer:
         """With LoRA on the top layers only (and the lean forward), the layers below run once an example here
         and never again (`frozen_cache`); None where there is nothing to skip or it would take more memory than
         `frozen_cache_gb`."""
-        layers = frozen_layers(self.model) if self.lean else 0
-        if not layers or not self.spec.frozen_cache_gb:
+        layers = self.n_frozen
+        if not layers:
             return None
         hidden = decoder_of(self.model).config.hidden_size
         need = frozen_cache_bytes(self.train_examples, hidden, self.dtype)
